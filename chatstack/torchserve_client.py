@@ -1,0 +1,227 @@
+"""A client for TorchServe's inference, management, token and metrics APIs.
+
+Plain Python (no Streamlit): both apps and the tests use it. Every failure is
+a `TorchServeError` carrying TorchServe's own message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import requests
+
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+DEFAULT_METRICS_URL = "http://127.0.0.1:8082"
+
+
+class TorchServeError(Exception):
+    """A call to TorchServe failed; `message` is what TorchServe said."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(f"{message} (HTTP {status})" if status else message)
+        self.message = message
+        self.status = status
+
+
+class ServerUnreachable(TorchServeError):
+    """Nothing answers at the address: TorchServe is not running there."""
+
+
+class Unauthorized(TorchServeError):
+    """The key was refused (wrong, expired or missing)."""
+
+
+class ModelNotFound(TorchServeError):
+    """The model (or version) is not registered."""
+
+
+@dataclass
+class Keys:
+    inference: str | None = None
+    management: str | None = None
+    api: str | None = None
+
+    @classmethod
+    def from_key_file(cls, path: str | Path) -> "Keys":
+        """Read TorchServe's key_file.json (written in its working directory)."""
+        data = json.loads(Path(path).read_text())
+        return cls(
+            inference=data.get("inference", {}).get("key"),
+            management=data.get("management", {}).get("key"),
+            api=data.get("API", {}).get("key"),
+        )
+
+
+def _error_message(resp: requests.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text.strip() or resp.reason or "no message"
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return err["message"]
+        for key in ("message", "error"):
+            if isinstance(body.get(key), str):
+                return body[key]
+    return json.dumps(body)
+
+
+class TorchServeClient:
+    def __init__(self, inference_url: str = DEFAULT_INFERENCE_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
+                 metrics_url: str = DEFAULT_METRICS_URL, keys: Keys | None = None, timeout: float = 10.0):
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/")
+        self.metrics_url = metrics_url.rstrip("/")
+        self.keys = keys or Keys()
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    # ---- plumbing -----------------------------------------------------------------
+
+    def _request(self, method: str, url: str, key: str | None, *, timeout=None, stream=False, **kw):
+        headers = kw.pop("headers", {})
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            resp = self.session.request(method, url, headers=headers, timeout=timeout or self.timeout,
+                                        stream=stream, **kw)
+        except requests.ConnectionError as e:
+            raise ServerUnreachable(f"TorchServe is not reachable at {url.split('/', 3)[:3][-1]}: {e.__class__.__name__}") from None
+        except requests.Timeout:
+            raise TorchServeError(f"TorchServe did not answer {method} {url} within {timeout or self.timeout} s") from None
+        if resp.status_code >= 400:
+            message = _error_message(resp)
+            cls = {401: Unauthorized, 404: ModelNotFound}.get(resp.status_code, TorchServeError)
+            raise cls(message, resp.status_code)
+        return resp
+
+    def _mgmt(self, method, path, timeout=None, **kw):
+        return self._request(method, f"{self.management_url}{path}", self.keys.management, timeout=timeout, **kw)
+
+    def _infer(self, method, path, timeout=None, **kw):
+        return self._request(method, f"{self.inference_url}{path}", self.keys.inference, timeout=timeout, **kw)
+
+    # ---- health ---------------------------------------------------------------------
+
+    def ping(self) -> str:
+        """'Healthy' when TorchServe and its workers are up."""
+        return self._request("GET", f"{self.inference_url}/ping", None).json().get("status", "unknown")
+
+    # ---- management -------------------------------------------------------------------
+
+    def list_models(self) -> list[dict]:
+        return self._mgmt("GET", "/models", params={"limit": 1000}).json().get("models", [])
+
+    def describe_model(self, name: str, version: str | None = None) -> list[dict]:
+        """One entry per version (all versions when version is 'all')."""
+        path = f"/models/{name}" + (f"/{version}" if version else "")
+        return self._mgmt("GET", path).json()
+
+    def register(self, archive: str, *, model_name: str | None = None, initial_workers: int = 1,
+                 batch_size: int | None = None, max_batch_delay: int | None = None,
+                 response_timeout: int | None = None, synchronous: bool = True, timeout: float = 300) -> str:
+        params = {"url": archive, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
+        for key, value in (("model_name", model_name), ("batch_size", batch_size),
+                           ("max_batch_delay", max_batch_delay), ("response_timeout", response_timeout)):
+            if value is not None:
+                params[key] = value
+        return self._mgmt("POST", "/models", params=params, timeout=timeout).json().get("status", "")
+
+    def unregister(self, name: str, version: str | None = None, timeout: float = 120) -> str:
+        path = f"/models/{name}" + (f"/{version}" if version else "")
+        return self._mgmt("DELETE", path, timeout=timeout).json().get("status", "")
+
+    def scale(self, name: str, min_worker: int, max_worker: int | None = None, version: str | None = None,
+              synchronous: bool = True, timeout: float = 300) -> str:
+        path = f"/models/{name}" + (f"/{version}" if version else "")
+        params = {"min_worker": min_worker, "max_worker": max_worker if max_worker is not None else min_worker,
+                  "synchronous": str(synchronous).lower()}
+        return self._mgmt("PUT", path, params=params, timeout=timeout).json().get("status", "")
+
+    def set_default_version(self, name: str, version: str) -> str:
+        return self._mgmt("PUT", f"/models/{name}/{version}/set-default").json().get("status", "")
+
+    def rotate_key(self, kind: str) -> str:
+        """Ask TorchServe for a new 'inference' or 'management' key; returns it and uses it from now on."""
+        if kind not in ("inference", "management"):
+            raise ValueError("kind must be 'inference' or 'management'")
+        resp = self._request("POST", f"{self.management_url}/token", self.keys.api, params={"type": kind})
+        key = resp.json().get(kind if kind != "management" else "management")
+        if not key:
+            # TorchServe answers with the whole key file in some versions.
+            key = resp.json().get(kind, {}).get("key") if isinstance(resp.json().get(kind), dict) else None
+        setattr(self.keys, kind, key)
+        return key
+
+    # ---- metrics ----------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        return self._request("GET", f"{self.metrics_url}/metrics", None).text
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples summed over labels: {'ts_inference_requests_total': 12.0, ...}."""
+        return parse_prometheus(self.metrics_text())
+
+    # ---- inference --------------------------------------------------------------------
+
+    def _prediction_path(self, model: str, version: str | None, route: str = "") -> str:
+        path = f"/predictions/{model}"
+        if version or route:
+            path += f"/{version or ''}"
+        if route:
+            # TorchServe needs a version segment before extra path segments; an empty one means default.
+            path = f"/predictions/{model}/{version or self.default_version(model)}/{route}"
+        return path
+
+    def default_version(self, model: str) -> str:
+        for entry in self.describe_model(model):
+            return entry.get("modelVersion", "1.0")
+        raise ModelNotFound(f"model {model} is not registered", 404)
+
+    def chat(self, model: str, messages: list[dict], version: str | None = None, timeout: float = 300,
+             **params) -> dict:
+        body = {"messages": messages, **params, "stream": False}
+        return self._infer("POST", self._prediction_path(model, version), json=body, timeout=timeout).json()
+
+    def chat_stream(self, model: str, messages: list[dict], version: str | None = None, timeout: float = 300,
+                    **params) -> Iterator[dict]:
+        """Yields chat.completion.chunk objects as TorchServe streams them.
+        Closing the generator closes the connection, which stops generation."""
+        body = {"messages": messages, **params, "stream": True}
+        resp = self._infer("POST", self._prediction_path(model, version), json=body, timeout=timeout, stream=True)
+        try:
+            for line in resp.iter_lines(decode_unicode=False):
+                if not line.strip():
+                    continue
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    raise TorchServeError(_error_message_from(chunk), 500)
+                yield chunk
+        except requests.RequestException as e:
+            raise TorchServeError(f"the stream broke off: {e.__class__.__name__}") from None
+        finally:
+            resp.close()
+
+
+def _error_message_from(obj: dict) -> str:
+    err = obj.get("error")
+    return err.get("message", "error") if isinstance(err, dict) else str(err)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals

@@ -1,0 +1,225 @@
+"""Start and stop a TorchServe with the project's config, and tell the truth about it.
+
+Each server gets a run folder holding its working directory (TorchServe writes
+key_file.json there), its logs, its own TMPDIR (TorchServe keeps a pid file in
+the temp folder, so two servers need two) and the config actually used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from chatstack.torchserve_client import Keys, ServerUnreachable, TorchServeClient, TorchServeError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StartError(TorchServeError):
+    """TorchServe could not be started; the message says why in plain words."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def write_properties(path: Path, props: dict[str, str]) -> None:
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class TorchServeProcess:
+    def __init__(self, config: str | Path = ROOT / "config.properties", model_store: str | Path = ROOT / "model_store",
+                 run_dir: str | Path = ROOT / ".run", overrides: dict[str, str] | None = None):
+        self.base_config = Path(config)
+        self.model_store = Path(model_store).resolve()
+        self.run_dir = Path(run_dir).resolve()
+        self.overrides = dict(overrides or {})
+        self.props = {**read_properties(self.base_config), **self.overrides}
+        self._popen: subprocess.Popen | None = None
+
+    # ---- where things are ----------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.properties"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "torchserve.pid"
+
+    def address(self, kind: str) -> str:
+        return self.props.get(f"{kind}_address", {"inference": "http://127.0.0.1:8080",
+                                                   "management": "http://127.0.0.1:8081",
+                                                   "metrics": "http://127.0.0.1:8082"}[kind])
+
+    def client(self, timeout: float = 10.0) -> TorchServeClient:
+        keys = Keys.from_key_file(self.key_file) if self.key_file.exists() else Keys()
+        return TorchServeClient(self.address("inference"), self.address("management"), self.address("metrics"),
+                                keys=keys, timeout=timeout)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        if self._popen is not None and self._popen.poll() is None:
+            return self._popen.pid
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def is_healthy(self) -> bool:
+        try:
+            return self.client(timeout=2).ping() == "Healthy"
+        except TorchServeError:
+            return False
+
+    def started_at(self) -> float | None:
+        return self.pid_file.stat().st_mtime if self.is_running() and self.pid_file.exists() else None
+
+    def log_tail(self, lines: int = 50, name: str = "ts_log.log") -> list[str]:
+        path = self.log_dir / name
+        if not path.exists():
+            path = self.run_dir / "torchserve.out"
+        if not path.exists():
+            return []
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200_000))
+            return f.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+
+    # ---- start / stop -------------------------------------------------------------------
+
+    def start(self, models: str | None = None, wait_s: float = 120) -> None:
+        """Start TorchServe and wait until it answers /ping. Raises StartError with a plain reason."""
+        if self.is_running():
+            raise StartError(f"TorchServe is already running (pid {self.pid()})")
+        java = shutil.which("java", path=(os.environ.get("JAVA_HOME", "") + "/bin:" if os.environ.get("JAVA_HOME") else "") + os.environ.get("PATH", ""))
+        if java is None:
+            raise StartError("Java was not found: TorchServe needs a Java 17 runtime "
+                             "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")
+        torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent) + ":" + os.environ.get("PATH", ""))
+        if torchserve is None:
+            raise StartError("the torchserve command is not installed (pip install -r requirements.txt)")
+        for kind in ("inference", "management", "metrics"):
+            url = urlparse(self.address(kind))
+            if port_in_use(url.hostname or "127.0.0.1", url.port or 80):
+                raise StartError(f"port {url.port} ({kind} API) is already in use on {url.hostname}: "
+                                 "another TorchServe or program is listening there")
+        if not self.model_store.is_dir():
+            raise StartError(f"the model store {self.model_store} does not exist (run ./package_llama.sh)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "tmp").mkdir(exist_ok=True)
+        props = dict(self.props)
+        metrics_config = props.get("metrics_config")
+        if metrics_config and not os.path.isabs(metrics_config):
+            props["metrics_config"] = str((self.base_config.parent / metrics_config).resolve())
+        write_properties(self.config_path, props)
+        self.key_file.unlink(missing_ok=True)
+        cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
+               "--model-store", str(self.model_store)]
+        if models:
+            cmd += ["--models", models]
+        env = {**os.environ, "TMPDIR": str(self.run_dir / "tmp"), "LOG_LOCATION": str(self.log_dir),
+               "METRICS_LOCATION": str(self.log_dir)}
+        out = open(self.run_dir / "torchserve.out", "wb")
+        self._popen = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.pid_file.write_text(str(self._popen.pid))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self._popen.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                tail = "\n".join(self.log_tail(15))
+                raise StartError(f"TorchServe exited during start-up (code {self._popen.returncode}). Last log lines:\n{tail}")
+            if self.key_file.exists():
+                try:
+                    self.client(timeout=2).ping()
+                    return
+                except ServerUnreachable:
+                    pass
+                except TorchServeError:
+                    return  # it answers; /ping may say Unhealthy while models load
+            time.sleep(0.3)
+        self.stop()
+        raise StartError(f"TorchServe did not answer within {wait_s:.0f} s; see {self.log_dir}")
+
+    def stop(self, wait_s: float = 30) -> bool:
+        """Stop the server and its workers. Returns False when it was not running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and self._alive(pid):
+            time.sleep(0.2)
+        if self._alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._popen is not None:
+            self._popen.wait(timeout=10)
+            self._popen = None
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.killpg(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+        return v("torchserve")
+    except Exception:
+        return "unknown"
+
+
+_ADDRESS_RE = re.compile(r"^https?://")

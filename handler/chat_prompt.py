@@ -1,0 +1,68 @@
+"""Turn chat messages into prompt tokens with the GGUF's own chat template,
+trimming the oldest turns when a conversation outgrows the context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+# Used only when a GGUF carries no `tokenizer.chat_template`.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ContextOverflow(ValueError):
+    def __init__(self, n_prompt: int, n_fit: int, detail: str):
+        super().__init__(f"{detail}: the prompt has {n_prompt} tokens but at most {n_fit} fit")
+        self.n_prompt = n_prompt
+        self.n_fit = n_fit
+
+
+@dataclass
+class FittedPrompt:
+    tokens: list[int]
+    messages_dropped: int
+
+
+class ChatPrompter:
+    def __init__(self, template: str | None, bos_token: str, eos_token: str,
+                 tokenize: Callable[[str], list[int]]):
+        self.template = template or CHATML_TEMPLATE
+        self.uses_fallback_template = template is None
+        self._formatter = Jinja2ChatFormatter(template=self.template, bos_token=bos_token, eos_token=eos_token)
+        # The template writes BOS itself where the model wants one.
+        self._tokenize = tokenize
+
+    def render(self, messages: list[dict]) -> str:
+        return self._formatter(messages=messages).prompt
+
+    def tokens(self, messages: list[dict]) -> list[int]:
+        return self._tokenize(self.render(messages))
+
+    def fit(self, messages: list[dict], n_fit: int) -> FittedPrompt:
+        """Keep leading system messages and the newest turns whose prompt has
+        at most n_fit tokens (a rolling window). Raises ContextOverflow when
+        even the last message cannot fit."""
+        tokens = self.tokens(messages)
+        if len(tokens) <= n_fit:
+            return FittedPrompt(tokens, 0)
+        n_system = 0
+        while n_system < len(messages) and messages[n_system]["role"] == "system":
+            n_system += 1
+        system, turns = messages[:n_system], messages[n_system:]
+        for drop in range(1, len(turns)):
+            kept = turns[drop:]
+            # Start the window on a user turn: templates expect user first.
+            if kept[0]["role"] == "assistant":
+                continue
+            tokens = self.tokens(system + kept)
+            if len(tokens) <= n_fit:
+                return FittedPrompt(tokens, drop)
+        last = self.tokens(system + turns[-1:]) if turns else tokens
+        raise ContextOverflow(len(last), n_fit, "the last message does not fit in the context even after dropping all earlier turns")

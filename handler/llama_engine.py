@@ -1,0 +1,501 @@
+"""Continuous batching over llama.cpp sequence slots.
+
+The engine owns one llama.cpp context shared by a fixed number of slots. Each
+`step()` builds one `llama_decode` batch holding the next token of every
+generating sequence plus a chunk of prompt for sequences still prefilling, then
+samples one token per sequence that asked for logits. It knows nothing about
+TorchServe or HTTP: callers submit requests, call `step()` (or `run()`), and
+read back `Update`s.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import llama_cpp
+# The pinned llama-cpp-python's thin owners of the native model/context/batch
+# objects: they free native memory in the right order, which we'd otherwise
+# re-implement by hand.
+from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+class PromptTooLong(ValueError):
+    """A prompt that cannot fit in one slot's context."""
+
+    def __init__(self, n_prompt: int, n_fit: int):
+        super().__init__(
+            f"prompt has {n_prompt} tokens but at most {n_fit} fit in the context "
+            f"(context length per sequence {n_fit + 1}, at least 1 token must be left to generate)"
+        )
+        self.n_prompt = n_prompt
+        self.n_fit = n_fit
+
+
+@dataclass
+class EngineConfig:
+    n_slots: int = 8                 # sequences decoded together
+    n_ctx_per_slot: int = 2048       # context length of each sequence
+    n_batch: int = 512               # most tokens in one llama_decode call
+    prefill_chunk: int = 256         # most prompt tokens one sequence adds per step
+    n_threads: int = 0               # 0 = all cores
+    n_gpu_layers: int = 0            # layers offloaded to a GPU (0 = CPU only)
+    main_gpu: int = 0                # GPU used when offloading
+    tensor_split: list[float] | None = None  # share of the model per GPU
+    use_mmap: bool = True            # map weights so workers share them
+    flash_attn: bool = True          # also makes batched greedy output equal to single-sequence output
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Update:
+    """What happened to one request since the last update."""
+
+    request_id: str
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token: float | None = None
+    tokens_per_second: float | None = None
+
+    def merge(self, later: "Update") -> "Update":
+        later.text = self.text + later.text
+        if later.time_to_first_token is None:
+            later.time_to_first_token = self.time_to_first_token
+        return later
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters and gauges, read by metrics exporters."""
+
+    slots_total: int = 0
+    slots_active: int = 0
+    requests_waiting: int = 0
+    tokens_prefilled: int = 0
+    tokens_reused: int = 0
+    tokens_generated: int = 0
+    decode_calls: int = 0
+    sequences_decoded: int = 0       # sum over decode calls of sequences in the call
+    max_sequences_per_decode: int = 0
+    finished: dict = field(default_factory=lambda: {r: 0 for r in (FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR)})
+    last_time_to_first_token: float | None = None
+
+    @property
+    def slots_free(self) -> int:
+        return self.slots_total - self.slots_active
+
+    @property
+    def mean_sequences_per_decode(self) -> float:
+        return self.sequences_decoded / self.decode_calls if self.decode_calls else 0.0
+
+
+class StopStringMatcher:
+    """Holds back text that may be the start of a stop string, so a stop
+    string never leaks half-way into streamed output."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = k
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _Active:
+    """A request while it owns a slot."""
+
+    def __init__(self, request_id: str, request: GenerationRequest, engine: "Engine"):
+        self.id = request_id
+        self.request = request
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.pending_prompt: list[int] = []
+        self.n_cached = 0
+        self.n_generated = 0
+        self.next_token: int | None = None   # sampled, not yet decoded
+        self.sampler = engine._make_sampler(request.sampling)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopStringMatcher(request.stop)
+
+    def close(self):
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+
+
+class _Slot:
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.cached: list[int] = []   # tokens whose KV entries sit at positions 0..n-1
+        self.active: _Active | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    def __init__(self, model_path: str, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.n_gpu_layers
+        model_params.main_gpu = config.main_gpu
+        model_params.use_mmap = config.use_mmap
+        if config.tensor_split:
+            self._tensor_split = (ctypes.c_float * len(config.tensor_split))(*config.tensor_split)
+            model_params.tensor_split = self._tensor_split
+        self.model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        self.vocab = self.model.vocab
+
+        n_threads = config.n_threads or os.cpu_count() or 1
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = config.n_ctx_per_slot * config.n_slots
+        ctx_params.n_batch = config.n_batch
+        ctx_params.n_ubatch = config.n_batch
+        ctx_params.n_seq_max = config.n_slots
+        ctx_params.n_threads = n_threads
+        ctx_params.n_threads_batch = n_threads
+        # One KV stream per sequence: each slot gets exactly n_ctx_per_slot.
+        ctx_params.kv_unified = False
+        ctx_params.flash_attn_type = 1 if config.flash_attn else 0
+        self.context = LlamaContext(model=self.model, params=ctx_params, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = self.context.memory
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.batch = LlamaBatch(n_tokens=config.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+        self.slots = [_Slot(i) for i in range(config.n_slots)]
+        self.waiting: deque[_Active] = deque()
+        self.by_id: dict[str, _Active] = {}
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self.stats = EngineStats(slots_total=config.n_slots)
+        self.metadata = self.model.metadata()
+
+    # ---- text <-> tokens -------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    @property
+    def bos_text(self) -> str:
+        tok = llama_cpp.llama_vocab_bos(self.vocab)
+        return self.model.token_get_text(tok) if tok >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        tok = llama_cpp.llama_vocab_eos(self.vocab)
+        return self.model.token_get_text(tok) if tok >= 0 else ""
+
+    # ---- requests ------------------------------------------------------------
+
+    def submit(self, request_id: str, request: GenerationRequest) -> None:
+        """Queue a request; it takes a slot at the next step that has one free."""
+        if request_id in self.by_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n_fit = self.n_ctx_seq - 1
+        if not request.prompt_tokens:
+            raise ValueError("prompt is empty")
+        if len(request.prompt_tokens) > n_fit:
+            raise PromptTooLong(len(request.prompt_tokens), n_fit)
+        active = _Active(request_id, request, self)
+        self.by_id[request_id] = active
+        self.waiting.append(active)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request; its slot is free at the next step. Safe from any thread."""
+        with self._cancel_lock:
+            self._cancelled.add(request_id)
+
+    def is_busy(self) -> bool:
+        return bool(self.by_id)
+
+    def active_ids(self) -> list[str]:
+        return list(self.by_id)
+
+    # ---- the loop --------------------------------------------------------------
+
+    def run(self, budget_s: float = 0.0) -> dict[str, Update]:
+        """Step at least once, then keep stepping while the time budget lasts and
+        nothing finished, merging the updates of each request."""
+        deadline = time.monotonic() + budget_s
+        merged: dict[str, Update] = {}
+        while True:
+            for rid, upd in self.step().items():
+                merged[rid] = merged[rid].merge(upd) if rid in merged else upd
+            if not self.by_id or any(u.finished for u in merged.values()):
+                return merged
+            if time.monotonic() >= deadline:
+                return merged
+
+    def step(self) -> dict[str, Update]:
+        updates: dict[str, Update] = {}
+        self._apply_cancellations(updates)
+        self._admit_waiting()
+        plan = self._fill_batch()
+        if not plan:
+            self._publish_gauges()
+            return updates
+        rc = llama_cpp.llama_decode(self.ctx, self.batch.batch)
+        self.stats.decode_calls += 1
+        self.stats.sequences_decoded += len(plan)
+        self.stats.max_sequences_per_decode = max(self.stats.max_sequences_per_decode, len(plan))
+        if rc != 0:
+            for slot, _, _ in plan:
+                self._finish(slot, updates, FINISH_ERROR, error=f"llama_decode failed with code {rc}")
+                self._forget_cache(slot)
+            self._publish_gauges()
+            return updates
+        for slot, added, logits_index in plan:
+            slot.cached.extend(added)
+            if logits_index is not None:
+                self._sample(slot, logits_index, updates)
+        self._publish_gauges()
+        return updates
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _apply_cancellations(self, updates):
+        with self._cancel_lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        for rid in cancelled:
+            active = self.by_id.get(rid)
+            if active is None:
+                continue
+            slot = next((s for s in self.slots if s.active is active), None)
+            if slot is not None:
+                self._finish(slot, updates, FINISH_CANCELLED)
+            else:
+                self.waiting.remove(active)
+                self._retire(active, updates, FINISH_CANCELLED)
+
+    def _admit_waiting(self):
+        while self.waiting:
+            free = [s for s in self.slots if s.active is None]
+            if not free:
+                return
+            active = self.waiting.popleft()
+            prompt = active.request.prompt_tokens
+            # Longest cached prefix wins; keep at least one prompt token to
+            # evaluate, since sampling needs fresh logits.
+            best = max(free, key=lambda s: _common_prefix(s.cached, prompt))
+            reuse = min(_common_prefix(best.cached, prompt), len(prompt) - 1)
+            llama_cpp.llama_memory_seq_rm(self.memory, best.seq_id, reuse, -1)
+            best.cached = best.cached[:reuse]
+            best.active = active
+            active.n_cached = reuse
+            active.pending_prompt = prompt[reuse:]
+            self.stats.tokens_reused += reuse
+
+    def _fill_batch(self):
+        """Fill the llama_batch; returns [(slot, tokens added, logits index or None)]."""
+        b = self.batch.batch
+        n = 0
+        plan = []
+
+        def add(slot, tokens, want_logits):
+            nonlocal n
+            pos0 = len(slot.cached)
+            for i, tok in enumerate(tokens):
+                b.token[n] = tok
+                b.pos[n] = pos0 + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = slot.seq_id
+                b.logits[n] = False
+                n += 1
+            if want_logits:
+                b.logits[n - 1] = True
+            plan.append((slot, list(tokens), n - 1 if want_logits else None))
+
+        generating = [s for s in self.slots if s.active and s.active.next_token is not None]
+        prefilling = [s for s in self.slots if s.active and s.active.next_token is None and s.active.pending_prompt]
+        for slot in generating:
+            add(slot, [slot.active.next_token], True)
+            slot.active.next_token = None
+        # Oldest request first, each a chunk, so a long prompt cannot starve the rest.
+        prefilling.sort(key=lambda s: s.active.submitted_at)
+        for slot in prefilling:
+            room = self.config.n_batch - n
+            if room <= 0:
+                break
+            active = slot.active
+            chunk = active.pending_prompt[: min(room, self.config.prefill_chunk)]
+            active.pending_prompt = active.pending_prompt[len(chunk):]
+            self.stats.tokens_prefilled += len(chunk)
+            add(slot, chunk, not active.pending_prompt)
+        b.n_tokens = n
+        return plan
+
+    def _sample(self, slot: _Slot, logits_index: int, updates):
+        active = slot.active
+        token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        now = time.monotonic()
+        if active.first_token_at is None:
+            active.first_token_at = now
+            self.stats.last_time_to_first_token = now - active.submitted_at
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._finish(slot, updates, FINISH_STOP, text=active.utf8.decode(b"", final=True))
+            return
+        active.n_generated += 1
+        self.stats.tokens_generated += 1
+        text, hit_stop = active.stops.feed(active.utf8.decode(self.token_bytes(token)))
+        if hit_stop:
+            self._finish(slot, updates, FINISH_STOP, text=text)
+            return
+        out_of_room = len(slot.cached) + 1 >= self.n_ctx_seq
+        if active.n_generated >= active.request.max_tokens or out_of_room:
+            text += active.stops.feed(active.utf8.decode(b"", final=True))[0] + active.stops.flush()
+            self._finish(slot, updates, FINISH_LENGTH, text=text)
+            return
+        active.next_token = token
+        updates[active.id] = self._update(active, text)
+
+    def _update(self, active: _Active, text: str, **kw) -> Update:
+        ttft = None
+        tps = None
+        if active.first_token_at is not None:
+            ttft = active.first_token_at - active.submitted_at
+            elapsed = time.monotonic() - active.first_token_at
+            if active.n_generated > 1 and elapsed > 0:
+                tps = (active.n_generated - 1) / elapsed
+        return Update(
+            request_id=active.id,
+            text=text,
+            prompt_tokens=len(active.request.prompt_tokens),
+            cached_tokens=active.n_cached,
+            completion_tokens=active.n_generated,
+            time_to_first_token=ttft,
+            tokens_per_second=tps,
+            **kw,
+        )
+
+    def _finish(self, slot: _Slot, updates, reason: str, text: str = "", error: str | None = None):
+        active = slot.active
+        slot.active = None
+        # The pending sampled token was never decoded, so it is not in the cache.
+        self._retire(active, updates, reason, text=text, error=error)
+
+    def _retire(self, active: _Active, updates, reason, text: str = "", error: str | None = None):
+        active.close()
+        self.by_id.pop(active.id, None)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        upd = self._update(active, text, finished=True, finish_reason=reason, error=error)
+        updates[active.id] = updates[active.id].merge(upd) if active.id in updates else upd
+
+    def _forget_cache(self, slot: _Slot):
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, 0, -1)
+        slot.cached = []
+
+    def _publish_gauges(self):
+        self.stats.slots_active = sum(1 for s in self.slots if s.active)
+        self.stats.requests_waiting = len(self.waiting)
+
+    def _make_sampler(self, p: SamplingParams):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            add(llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def close(self):
+        for active in list(self.by_id.values()):
+            active.close()
+        self.by_id.clear()
+        self.batch.close()
+        self.context.close()
+        self.model.close()

@@ -1,0 +1,276 @@
+"""TorchServe handler: glue between TorchServe's batches and the llama engine.
+
+Two batching modes, picked by `continuousBatching` in model-config.yaml:
+- continuous: each handler call is one engine step (a few tokens within a small
+  time budget) for the requests TorchServe hands over; finished requests are
+  reported through `context.stopping_criteria`;
+- dynamic batching: the whole batch is generated together, streaming chunks go
+  out with `send_intermediate_predict_response`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from chat_prompt import ChatPrompter, ContextOverflow
+from chat_protocol import (
+    ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, parse_request,
+    sampling_params, sse, text_completion, usage,
+)
+from llama_engine import Engine, EngineConfig, GenerationRequest, PromptTooLong, Update
+from llama_metrics import MetricsReporter
+
+logger = logging.getLogger(__name__)
+
+ROUTES = {"": "auto", "v1/chat/completions": "chat", "v1/completions": "completion", "v1/models": "models"}
+
+
+class Exchange:
+    """One request's answer, rendered step by step in the format its route asks for."""
+
+    def __init__(self, request_id, request, route, model_name, messages_dropped, n_ctx):
+        self.request_id = request_id
+        self.request = request
+        self.is_chat = isinstance(request, ChatCompletionRequest)
+        self.sse = route in ("chat", "completion")
+        self.stream = request.stream
+        self.model_name = model_name
+        self.id = new_id("chatcmpl" if self.is_chat else "cmpl")
+        self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
+        self.text: list[str] = []
+        self.first = True
+        self.failed = False
+
+    @property
+    def content_type(self):
+        if self.stream and self.sse:
+            return "text/event-stream"
+        return "application/x-ndjson" if self.stream else "application/json"
+
+    def render(self, upd: Update | None) -> str:
+        if upd is None:
+            return ""
+        self.text.append(upd.text)
+        if upd.error:
+            self.failed = True
+            err = ApiError(f"generation failed: {upd.error}", status=500, type="server_error").to_dict()
+            if not self.stream:
+                return json.dumps(err)
+            return self._frame(err) + (sse("[DONE]") if self.sse else "")
+        reason = upd.finish_reason
+        use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
+        if not self.stream:
+            if not upd.finished:
+                return ""
+            text = "".join(self.text)
+            build = chat_completion if self.is_chat else text_completion
+            return json.dumps(build(self.id, self.model_name, text, reason, use, self.extra), ensure_ascii=False)
+        frames = []
+        if upd.text or (self.first and self.is_chat):
+            frames.append(self._chunk(upd.text))
+        if upd.finished:
+            frames.append(self._chunk("", reason, use))
+            if self.sse:
+                frames.append(sse("[DONE]"))
+        return "".join(f if isinstance(f, str) and f.startswith("data: ") else self._frame(f) for f in frames)
+
+    def _chunk(self, text, reason=None, use=None):
+        extra = self.extra if reason is not None else None
+        if self.is_chat:
+            chunk = chat_chunk(self.id, self.model_name, text, reason, use, extra, first=self.first)
+        else:
+            chunk = text_completion(self.id, self.model_name, text, reason, use, extra)
+        self.first = False
+        return chunk
+
+    def _frame(self, obj) -> str:
+        return sse(obj) if self.sse else json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+class LlamaHandler:
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context):
+        props = context.system_properties
+        yaml_config = context.model_yaml_config or {}
+        settings = yaml_config.get("handler", {}) or {}
+        self.model_name = context.manifest.get("model", {}).get("modelName", "llama")
+        model_path = settings.get("model_path", "model.gguf")
+        if not os.path.isabs(model_path):
+            model_path = os.path.join(props["model_dir"], model_path)
+        n_workers = max(int(yaml_config.get("minWorkers", 1) or 1), 1)
+        n_threads = int(settings.get("n_threads", 0)) or max(1, (os.cpu_count() or 1) // n_workers)
+        n_gpu_layers = int(settings.get("n_gpu_layers", 0))
+        gpu_id = props.get("gpu_id")
+        config = EngineConfig(
+            n_slots=int(settings.get("n_slots", 0)) or int(props.get("batch_size") or 1),
+            n_ctx_per_slot=int(settings.get("n_ctx", 2048)),
+            n_batch=int(settings.get("n_batch", 512)),
+            prefill_chunk=int(settings.get("prefill_chunk", 256)),
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            main_gpu=int(gpu_id) if (n_gpu_layers and gpu_id is not None) else int(settings.get("main_gpu", 0)),
+            tensor_split=settings.get("tensor_split"),
+            flash_attn=bool(settings.get("flash_attn", True)),
+        )
+        self.step_budget_s = float(settings.get("step_budget_ms", 25)) / 1000.0
+        self.default_max_tokens = int(settings.get("max_tokens", 512))
+        self.sampling_defaults = dict(settings.get("sampling", {}) or {})
+        self.continuous = bool(yaml_config.get("continuousBatching", False))
+        logger.info("loading %s with %s (continuous batching: %s)", model_path, config, self.continuous)
+        self.engine = Engine(model_path, config)
+        meta = self.engine.metadata
+        self.prompter = ChatPrompter(
+            meta.get("tokenizer.chat_template"), self.engine.bos_text, self.engine.eos_text,
+            lambda text: self.engine.tokenize(text, add_special=False, parse_special=True),
+        )
+        if self.prompter.uses_fallback_template:
+            logger.warning("the GGUF has no tokenizer.chat_template; chat uses ChatML")
+        self.exchanges: dict[str, Exchange] = {}
+        self.reporter = MetricsReporter(getattr(context, "metrics", None), self.model_name)
+        self.initialized = True
+
+    # ---- TorchServe entry point ------------------------------------------------
+
+    def handle(self, data, context):
+        if self.continuous:
+            outputs = self._continuous_step(data, context)
+        else:
+            outputs = self._generate_batch(data, context)
+        self.reporter.report(self.engine.stats)
+        return outputs
+
+    def _run_engine(self) -> dict[str, Update]:
+        updates = self.engine.run(self.step_budget_s)
+        for upd in updates.values():
+            if upd.finished:
+                self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
+        return updates
+
+    def _continuous_step(self, data, context):
+        ids = context.request_ids
+        outputs: dict[int, str] = {}
+        done: dict[int, bool] = {}
+        # Requests TorchServe no longer sends lost their client: free their slots.
+        live = set(ids.values())
+        for rid in [r for r in self.exchanges if r not in live]:
+            self.engine.cancel(rid)
+            del self.exchanges[rid]
+        for idx, rid in ids.items():
+            if rid not in self.exchanges:
+                early = self._open(idx, rid, data[idx], context)
+                if early is not None:
+                    outputs[idx], done[idx] = early, True
+        updates = self._run_engine() if self.engine.is_busy() else {}
+        for idx, rid in ids.items():
+            if idx in outputs:
+                continue
+            ex = self.exchanges[rid]
+            upd = updates.get(rid)
+            outputs[idx] = ex.render(upd)
+            context.set_response_content_type(idx, ex.content_type)
+            if ex.failed:
+                context.set_response_status(500, "generation failed", idx)
+            done[idx] = bool(upd and upd.finished)
+            if done[idx]:
+                del self.exchanges[rid]
+        context.stopping_criteria = [(lambda _, d=done[i]: d) for i in range(len(data))]
+        return [outputs[i] for i in range(len(data))]
+
+    def _generate_batch(self, data, context):
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        ids = context.request_ids
+        outputs: dict[int, str] = {}
+        running: dict[str, int] = {}
+        for idx, rid in ids.items():
+            early = self._open(idx, rid, data[idx], context)
+            if early is None:
+                running[rid] = idx
+                outputs[idx] = ""
+            else:
+                outputs[idx] = early
+        while any(rid in self.exchanges for rid in running):
+            updates = self._run_engine()
+            partial = {}
+            for rid, upd in updates.items():
+                idx = running.get(rid)
+                if idx is None:
+                    continue
+                ex = self.exchanges[rid]
+                piece = ex.render(upd)
+                context.set_response_content_type(idx, ex.content_type)
+                if ex.failed:
+                    context.set_response_status(500, "generation failed", idx)
+                if upd.finished:
+                    del self.exchanges[rid]
+                if ex.stream:
+                    # Send now, even the last piece: the HTTP response closes when the batch ends.
+                    if piece:
+                        partial[idx] = piece
+                elif upd.finished:
+                    outputs[idx] = piece
+            if partial:
+                send_intermediate_predict_response(
+                    partial, {i: ids[i] for i in partial}, "Intermediate response", 200, context)
+        return [outputs[i] for i in range(len(data))]
+
+    # ---- per request ------------------------------------------------------------------
+
+    def _open(self, idx, rid, request_data, context) -> str | None:
+        """Validate and submit one request. Returns the complete response when
+        it is answered at once (an error, or /v1/models), else None."""
+        try:
+            route = self._route(context.get_request_header(idx, "url_path"))
+            if route == "models":
+                context.set_response_content_type(idx, "application/json")
+                return json.dumps(self.models_list())
+            body = request_data.get("body", request_data.get("data")) if isinstance(request_data, dict) else request_data
+            if body is None:
+                raise ApiError("request body is empty; send a JSON object with `messages` or `prompt`")
+            request = parse_request(body, route)
+            max_tokens = request.max_tokens or self.default_max_tokens
+            if max_tokens >= self.engine.n_ctx_seq:
+                raise ApiError(f"max_tokens: {max_tokens} is more than the context allows "
+                               f"(context length {self.engine.n_ctx_seq}, max_tokens must be below it)",
+                               param="max_tokens")
+            n_fit = self.engine.n_ctx_seq - max_tokens
+            dropped = 0
+            if isinstance(request, ChatCompletionRequest):
+                fitted = self.prompter.fit([m.as_template_dict() for m in request.messages], n_fit)
+                tokens, dropped = fitted.tokens, fitted.messages_dropped
+            else:
+                tokens = self.engine.tokenize(request.prompt, add_special=True, parse_special=False)
+                if len(tokens) > n_fit:
+                    raise PromptTooLong(len(tokens), n_fit)
+            self.engine.submit(rid, GenerationRequest(
+                prompt_tokens=tokens, max_tokens=max_tokens,
+                sampling=sampling_params(request, self.sampling_defaults), stop=request.stop_list))
+            self.exchanges[rid] = Exchange(rid, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
+            return None
+        except (ContextOverflow, PromptTooLong) as e:
+            err = ApiError(f"{e} (max_tokens {request.max_tokens or self.default_max_tokens} is reserved "
+                           f"for the answer; context length {self.engine.n_ctx_seq})", param="messages")
+        except ApiError as e:
+            err = e
+        except Exception as e:  # the worker must outlive any single request
+            logger.exception("request %s failed", rid)
+            err = ApiError(f"internal error: {type(e).__name__}", status=500, type="server_error")
+        context.set_response_status(err.status, err.message[:200], idx)
+        context.set_response_content_type(idx, "application/json")
+        return err.to_json()
+
+    def _route(self, url_path) -> str:
+        path = (url_path or "").strip("/")
+        if path not in ROUTES:
+            raise ApiError(f"unknown path {path!r}; served: v1/chat/completions, v1/completions, v1/models",
+                           param="url_path")
+        return ROUTES[path]
+
+    def models_list(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                             "created": int(time.time()), "owned_by": "local"}]}

