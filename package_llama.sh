@@ -160,7 +160,7 @@ GGUF="$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")"
 # ---- archive ---------------------------------------------------------------------------
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-EXTRA="$ROOT/handler/llama_engine.py,$ROOT/handler/llama_metrics.py,$ROOT/handler/chat_protocol.py,$ROOT/handler/chat_prompt.py"
+EXTRA="$ROOT/handler/llama_engine.py,$ROOT/handler/chat_response.py,$ROOT/handler/llama_metrics.py,$ROOT/handler/chat_protocol.py,$ROOT/handler/chat_prompt.py"
 if [ "$EMBED" = 1 ]; then
   ln -s "$GGUF" "$STAGE/model.gguf"
   MODEL_PATH=model.gguf

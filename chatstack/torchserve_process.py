@@ -8,7 +8,6 @@ the temp folder, so two servers need two) and the config actually used.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -85,7 +84,10 @@ class TorchServeProcess:
                                                    "metrics": "http://127.0.0.1:8082"}[kind])
 
     def client(self, timeout: float = 10.0) -> TorchServeClient:
-        keys = Keys.from_key_file(self.key_file) if self.key_file.exists() else Keys()
+        try:
+            keys = Keys.from_key_file(self.key_file)
+        except (OSError, ValueError):  # not written yet, or half-written
+            keys = Keys()
         return TorchServeClient(self.address("inference"), self.address("management"), self.address("metrics"),
                                 keys=keys, timeout=timeout)
 
@@ -169,7 +171,7 @@ class TorchServeProcess:
                 self.pid_file.unlink(missing_ok=True)
                 tail = "\n".join(self.log_tail(15))
                 raise StartError(f"TorchServe exited during start-up (code {self._popen.returncode}). Last log lines:\n{tail}")
-            if self.key_file.exists():
+            if self.key_file.exists() and self.client().keys.inference:
                 try:
                     self.client(timeout=2).ping()
                     return
@@ -221,5 +223,3 @@ def version() -> str:
     except Exception:
         return "unknown"
 
-
-_ADDRESS_RE = re.compile(r"^https?://")

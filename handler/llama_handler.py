@@ -12,82 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 import os
 import time
 
 from chat_prompt import ChatPrompter, ContextOverflow
-from chat_protocol import (
-    ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, parse_request,
-    sampling_params, sse, text_completion, usage,
-)
+from chat_protocol import ApiError, ChatCompletionRequest, parse_request, sampling_params
+from chat_response import Exchange
 from llama_engine import Engine, EngineConfig, GenerationRequest, PromptTooLong, Update
 from llama_metrics import MetricsReporter
 
 logger = logging.getLogger(__name__)
 
 ROUTES = {"": "auto", "v1/chat/completions": "chat", "v1/completions": "completion", "v1/models": "models"}
-
-
-class Exchange:
-    """One request's answer, rendered step by step in the format its route asks for."""
-
-    def __init__(self, request_id, request, route, model_name, messages_dropped, n_ctx):
-        self.request_id = request_id
-        self.request = request
-        self.is_chat = isinstance(request, ChatCompletionRequest)
-        self.sse = route in ("chat", "completion")
-        self.stream = request.stream
-        self.model_name = model_name
-        self.id = new_id("chatcmpl" if self.is_chat else "cmpl")
-        self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
-        self.text: list[str] = []
-        self.first = True
-        self.failed = False
-
-    @property
-    def content_type(self):
-        if self.stream and self.sse:
-            return "text/event-stream"
-        return "application/x-ndjson" if self.stream else "application/json"
-
-    def render(self, upd: Update | None) -> str:
-        if upd is None:
-            return ""
-        self.text.append(upd.text)
-        if upd.error:
-            self.failed = True
-            err = ApiError(f"generation failed: {upd.error}", status=500, type="server_error").to_dict()
-            if not self.stream:
-                return json.dumps(err)
-            return self._frame(err) + (sse("[DONE]") if self.sse else "")
-        reason = upd.finish_reason
-        use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
-        if not self.stream:
-            if not upd.finished:
-                return ""
-            text = "".join(self.text)
-            build = chat_completion if self.is_chat else text_completion
-            return json.dumps(build(self.id, self.model_name, text, reason, use, self.extra), ensure_ascii=False)
-        frames = []
-        if upd.text or (self.first and self.is_chat):
-            frames.append(self._chunk(upd.text))
-        if upd.finished:
-            frames.append(self._chunk("", reason, use))
-            if self.sse:
-                frames.append(sse("[DONE]"))
-        return "".join(f if isinstance(f, str) and f.startswith("data: ") else self._frame(f) for f in frames)
-
-    def _chunk(self, text, reason=None, use=None):
-        extra = self.extra if reason is not None else None
-        if self.is_chat:
-            chunk = chat_chunk(self.id, self.model_name, text, reason, use, extra, first=self.first)
-        else:
-            chunk = text_completion(self.id, self.model_name, text, reason, use, extra)
-        self.first = False
-        return chunk
-
-    def _frame(self, obj) -> str:
-        return sse(obj) if self.sse else json.dumps(obj, ensure_ascii=False) + "\n"
 
 
 class LlamaHandler:
@@ -154,17 +91,18 @@ class LlamaHandler:
     def _continuous_step(self, data, context):
         ids = context.request_ids
         outputs: dict[int, str] = {}
-        done: dict[int, bool] = {}
+        finished: dict[int, bool] = {}
         # Requests TorchServe no longer sends lost their client: free their slots.
         live = set(ids.values())
         for rid in [r for r in self.exchanges if r not in live]:
             self.engine.cancel(rid)
             del self.exchanges[rid]
+        fresh = {rid for rid in live if rid not in self.exchanges}
         for idx, rid in ids.items():
-            if rid not in self.exchanges:
+            if rid in fresh:
                 early = self._open(idx, rid, data[idx], context)
                 if early is not None:
-                    outputs[idx], done[idx] = early, True
+                    outputs[idx], finished[idx] = early, True
         updates = self._run_engine() if self.engine.is_busy() else {}
         for idx, rid in ids.items():
             if idx in outputs:
@@ -175,10 +113,14 @@ class LlamaHandler:
             context.set_response_content_type(idx, ex.content_type)
             if ex.failed:
                 context.set_response_status(500, "generation failed", idx)
-            done[idx] = bool(upd and upd.finished)
-            if done[idx]:
+            finished[idx] = bool(upd and upd.finished)
+            if finished[idx]:
                 del self.exchanges[rid]
-        context.stopping_criteria = [(lambda _, d=done[i]: d) for i in range(len(data))]
+        # TorchServe 0.12 sends no HTTP headers when the first response of a
+        # request is also marked last, so a request answered in its first call
+        # is reported as a plain (non-stream) response: None, not True.
+        stop = [None if (finished[i] and ids[i] in fresh) else finished[i] for i in range(len(data))]
+        context.stopping_criteria = [(lambda _, s=s: s) for s in stop]
         return [outputs[i] for i in range(len(data))]
 
     def _generate_batch(self, data, context):
@@ -260,7 +202,7 @@ class LlamaHandler:
         except Exception as e:  # the worker must outlive any single request
             logger.exception("request %s failed", rid)
             err = ApiError(f"internal error: {type(e).__name__}", status=500, type="server_error")
-        context.set_response_status(err.status, err.message[:200], idx)
+        context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
         context.set_response_content_type(idx, "application/json")
         return err.to_json()
 

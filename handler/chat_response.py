@@ -1,0 +1,74 @@
+"""One request's answer, rendered step by step in the format its route asks for:
+OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
+/predictions route, or one JSON object when not streaming."""
+
+from __future__ import annotations
+
+import json
+
+from chat_protocol import (
+    ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage,
+)
+from llama_engine import Update
+
+
+class Exchange:
+    """One request's answer, rendered step by step in the format its route asks for."""
+
+    def __init__(self, request_id, request, route, model_name, messages_dropped, n_ctx):
+        self.request_id = request_id
+        self.request = request
+        self.is_chat = isinstance(request, ChatCompletionRequest)
+        self.sse = route in ("chat", "completion")
+        self.stream = request.stream
+        self.model_name = model_name
+        self.id = new_id("chatcmpl" if self.is_chat else "cmpl")
+        self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
+        self.text: list[str] = []
+        self.first = True
+        self.failed = False
+
+    @property
+    def content_type(self):
+        if self.stream and self.sse:
+            return "text/event-stream"
+        return "application/x-ndjson" if self.stream else "application/json"
+
+    def render(self, upd: Update | None) -> str:
+        if upd is None:
+            return ""
+        self.text.append(upd.text)
+        if upd.error:
+            self.failed = True
+            err = ApiError(f"generation failed: {upd.error}", status=500, type="server_error").to_dict()
+            if not self.stream:
+                return json.dumps(err)
+            return self._frame(err) + (sse("[DONE]") if self.sse else "")
+        reason = upd.finish_reason
+        use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
+        if not self.stream:
+            if not upd.finished:
+                return ""
+            text = "".join(self.text)
+            build = chat_completion if self.is_chat else text_completion
+            return json.dumps(build(self.id, self.model_name, text, reason, use, self.extra), ensure_ascii=False)
+        frames = []
+        if upd.text or (self.first and self.is_chat):
+            frames.append(self._chunk(upd.text))
+        if upd.finished:
+            frames.append(self._chunk("", reason, use))
+            if self.sse:
+                frames.append(sse("[DONE]"))
+        return "".join(f if isinstance(f, str) and f.startswith("data: ") else self._frame(f) for f in frames)
+
+    def _chunk(self, text, reason=None, use=None):
+        extra = self.extra if reason is not None else None
+        if self.is_chat:
+            chunk = chat_chunk(self.id, self.model_name, text, reason, use, extra, first=self.first)
+        else:
+            chunk = text_completion(self.id, self.model_name, text, reason, use, extra)
+        self.first = False
+        return chunk
+
+    def _frame(self, obj) -> str:
+        return sse(obj) if self.sse else json.dumps(obj, ensure_ascii=False) + "\n"
