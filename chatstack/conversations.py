@@ -1,0 +1,187 @@
+"""Conversations and their messages, kept in an embedded SQLite database.
+
+Plain Python (no Streamlit). Every call opens its own short connection, so one
+store can serve several Streamlit sessions (threads) at once; WAL mode lets a
+reader in one session see another session's writes without blocking it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_TITLE = "New chat"
+TITLE_LENGTH = 48
+
+# An assistant message is COMPLETE when the model finished it, STOPPED when the
+# user stopped it part-way (the text written so far is kept), FAILED when the
+# server broke off mid-answer (kept so the user sees it, replaced on retry).
+COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete',
+    model TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    context_length INTEGER,
+    messages_dropped INTEGER,
+    tokens_per_second REAL,
+    error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+"""
+
+
+def default_db_path(env: dict | None = None) -> Path:
+    """CHAT_DB_PATH, else chat.db in the user's data folder (XDG)."""
+    env = os.environ if env is None else env
+    if env.get("CHAT_DB_PATH"):
+        return Path(env["CHAT_DB_PATH"]).expanduser()
+    data_home = Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "chatstack" / "chat.db"
+
+
+def title_from(text: str) -> str:
+    """A conversation title made from its first message: one line, shortened at a word."""
+    line = " ".join(text.split())
+    if len(line) <= TITLE_LENGTH:
+        return line or DEFAULT_TITLE
+    return line[:TITLE_LENGTH].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    status: str = COMPLETE
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    context_length: int | None = None
+    messages_dropped: int | None = None
+    tokens_per_second: float | None = None
+    error: str | None = None
+    created_at: float = 0.0
+
+
+ANSWER_FIELDS = ("status", "model", "prompt_tokens", "completion_tokens", "total_tokens", "context_length",
+                 "messages_dropped", "tokens_per_second", "error")
+
+
+class ConversationStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # closing() closes the connection; the inner `with` commits or rolls back.
+        with closing(sqlite3.connect(self.path, timeout=10)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            with db:
+                yield db
+
+    # ---- conversations ---------------------------------------------------------
+
+    def create(self, title: str = DEFAULT_TITLE) -> Conversation:
+        now = time.time()
+        with self._connect() as db:
+            cur = db.execute("INSERT INTO conversations (title, created_at, updated_at) VALUES (?, ?, ?)",
+                             (title, now, now))
+        return Conversation(cur.lastrowid, title, now, now)
+
+    def get(self, conversation_id: int) -> Conversation | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return Conversation(**row) if row else None
+
+    def list(self) -> list[Conversation]:
+        """Most recently used first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM conversations ORDER BY updated_at DESC, id DESC").fetchall()
+        return [Conversation(**row) for row in rows]
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        title = " ".join(title.split()) or DEFAULT_TITLE
+        with self._connect() as db:
+            db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # ---- messages ----------------------------------------------------------------
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+                              (conversation_id,)).fetchall()
+        return [Message(**row) for row in rows]
+
+    def add_user_message(self, conversation_id: int, content: str) -> Message:
+        """Saved before the model is asked, so nothing typed is lost if the server fails."""
+        return self._add(conversation_id, "user", content, {})
+
+    def add_answer(self, conversation_id: int, content: str, **fields) -> Message:
+        unknown = set(fields) - set(ANSWER_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown answer fields: {sorted(unknown)}")
+        return self._add(conversation_id, "assistant", content, fields)
+
+    def _add(self, conversation_id: int, role: str, content: str, fields: dict) -> Message:
+        now = time.time()
+        columns = ["conversation_id", "role", "content", "created_at", *fields]
+        values = [conversation_id, role, content, now, *fields.values()]
+        with self._connect() as db:
+            cur = db.execute(f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                             values)
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+            if role == "user":
+                # The first message names a conversation nobody has named yet.
+                db.execute("UPDATE conversations SET title = ? WHERE id = ? AND title = ?",
+                           (title_from(content), conversation_id, DEFAULT_TITLE))
+        return Message(cur.lastrowid, conversation_id, role, content, created_at=now,
+                       **{k: v for k, v in fields.items()})
+
+    def remove_last_answer(self, conversation_id: int) -> Message | None:
+        """Remove the answer after the last user message (to regenerate or retry it); returns it."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
+                             (conversation_id,)).fetchone()
+            if row is None or row["role"] != "assistant":
+                return None
+            db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
+        return Message(**row)
