@@ -178,8 +178,14 @@ mkdir -p "$STORE"
 echo "Wrote $STORE/$NAME.mar (model $NAME, version $VERSION, weights $( [ "$EMBED" = 1 ] && echo inside || echo "at $GGUF"))"
 
 if [ -n "$KSERVE" ]; then
+  # KServe storage layout (deploy/README.md): config/config.properties, config/metrics.yaml (the
+  # metrics TorchServe may export, the handler's included) and model-store/NAME.mar.
+  # KSERVE_CONFIG_ARGS passes options to deploy/kserve_config.py (e.g. "--token-auth").
   mkdir -p "$KSERVE/config" "$KSERVE/model-store"
   cp "$STORE/$NAME.mar" "$KSERVE/model-store/$NAME.mar"
-  "$PYTHON" "$ROOT/deploy/kserve_config.py" --model "$NAME" > "$KSERVE/config/config.properties"
-  echo "Wrote the KServe layout in $KSERVE"
+  cp "$ROOT/metrics.yaml" "$KSERVE/config/metrics.yaml"
+  # shellcheck disable=SC2086
+  "$PYTHON" "$ROOT/deploy/kserve_config.py" --model "$NAME" ${KSERVE_CONFIG_ARGS:-} > "$KSERVE/config/config.properties.tmp"
+  mv "$KSERVE/config/config.properties.tmp" "$KSERVE/config/config.properties"
+  echo "Wrote the KServe layout in $KSERVE (upload it to the InferenceService's storageUri)"
 fi
