@@ -7,6 +7,8 @@ a `TorchServeError` carrying TorchServe's own message.
 from __future__ import annotations
 
 import json
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,12 +21,14 @@ DEFAULT_METRICS_URL = "http://127.0.0.1:8082"
 
 
 class TorchServeError(Exception):
-    """A call to TorchServe failed; `message` is what TorchServe said."""
+    """A call to TorchServe failed; `message` is what TorchServe said, `kind` its
+    exception type (e.g. 'ModelNotFoundException') when it named one."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None):
         super().__init__(f"{message} (HTTP {status})" if status else message)
         self.message = message
         self.status = status
+        self.kind = kind
 
 
 class ServerUnreachable(TorchServeError):
@@ -32,7 +36,8 @@ class ServerUnreachable(TorchServeError):
 
 
 class Unauthorized(TorchServeError):
-    """The key was refused (wrong, expired or missing)."""
+    """The key was refused (wrong, expired or missing). TorchServe 0.12 answers
+    such requests with HTTP 400 and type InvalidKeyException, not 401."""
 
 
 class ModelNotFound(TorchServeError):
@@ -56,6 +61,14 @@ class Keys:
         )
 
 
+def _error_type(resp: requests.Response) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("type") if isinstance(body, dict) and isinstance(body.get("type"), str) else None
+
+
 def _error_message(resp: requests.Response) -> str:
     try:
         body = resp.json()
@@ -73,13 +86,25 @@ def _error_message(resp: requests.Response) -> str:
 
 class TorchServeClient:
     def __init__(self, inference_url: str = DEFAULT_INFERENCE_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
-                 metrics_url: str = DEFAULT_METRICS_URL, keys: Keys | None = None, timeout: float = 10.0):
+                 metrics_url: str = DEFAULT_METRICS_URL, keys: Keys | None = None, timeout: float = 10.0,
+                 key_file: str | Path | None = None):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.metrics_url = metrics_url.rstrip("/")
+        # key_file: TorchServe's key_file.json; rotate_key needs it, since TorchServe
+        # writes a rotated key there instead of answering with it.
+        self.key_file = Path(key_file) if key_file else None
+        if keys is None and self.key_file is not None:
+            keys = self._read_keys()
         self.keys = keys or Keys()
         self.timeout = timeout
         self.session = requests.Session()
+
+    def _read_keys(self) -> Keys:
+        try:
+            return Keys.from_key_file(self.key_file)
+        except (OSError, ValueError):  # not written yet, or half-written
+            return Keys()
 
     # ---- plumbing -----------------------------------------------------------------
 
@@ -95,9 +120,14 @@ class TorchServeClient:
         except requests.Timeout:
             raise TorchServeError(f"TorchServe did not answer {method} {url} within {timeout or self.timeout} s") from None
         if resp.status_code >= 400:
-            message = _error_message(resp)
-            cls = {401: Unauthorized, 404: ModelNotFound}.get(resp.status_code, TorchServeError)
-            raise cls(message, resp.status_code)
+            message, kind = _error_message(resp), _error_type(resp)
+            if kind == "InvalidKeyException" or resp.status_code == 401:
+                cls = Unauthorized
+            elif resp.status_code == 404:
+                cls = ModelNotFound
+            else:
+                cls = TorchServeError
+            raise cls(message, resp.status_code, kind)
         return resp
 
     def _mgmt(self, method, path, timeout=None, **kw):
@@ -109,8 +139,13 @@ class TorchServeClient:
     # ---- health ---------------------------------------------------------------------
 
     def ping(self) -> str:
-        """'Healthy' when TorchServe and its workers are up."""
-        return self._request("GET", f"{self.inference_url}/ping", None).json().get("status", "unknown")
+        """'Healthy' when TorchServe and its workers are up. With token
+        authorization on, TorchServe 0.12 wants the inference key even here."""
+        return self._infer("GET", "/ping").json().get("status", "unknown")
+
+    def server_version(self) -> str:
+        """TorchServe's version, as its management API describes itself."""
+        return self._mgmt("GET", "/api-description").json().get("info", {}).get("version", "unknown")
 
     # ---- management -------------------------------------------------------------------
 
@@ -143,20 +178,49 @@ class TorchServeClient:
                   "synchronous": str(synchronous).lower()}
         return self._mgmt("PUT", path, params=params, timeout=timeout).json().get("status", "")
 
+    def wait_for_workers(self, name: str, version: str | None = None, count: int = 1, status: str = "READY",
+                         timeout: float = 300, poll_s: float = 0.5) -> list[dict]:
+        """Wait until at least `count` workers of the model (version) have `status`; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = [w for entry in self.describe_model(name, version) for w in entry.get("workers", [])]
+            matching = [w for w in workers if w.get("status") == status]
+            if len(matching) >= count:
+                return matching
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{w.get('id')}: {w.get('status')}" for w in workers) or "no workers"
+                raise TorchServeError(f"{name} {version or ''} has not {count} {status} worker(s) "
+                                      f"after {timeout:.0f} s ({states})")
+            time.sleep(poll_s)
+
     def set_default_version(self, name: str, version: str) -> str:
         return self._mgmt("PUT", f"/models/{name}/{version}/set-default").json().get("status", "")
 
-    def rotate_key(self, kind: str) -> str:
-        """Ask TorchServe for a new 'inference' or 'management' key; returns it and uses it from now on."""
+    def rotate_key(self, kind: str, wait_s: float = 10.0) -> str:
+        """Ask TorchServe for a new 'inference' or 'management' key; returns it and uses it from now on.
+
+        TorchServe 0.12 answers POST /token?type=... (authorized with the API key)
+        with an empty 200 and writes the new key into key_file.json, so the new key
+        is read from there; the old one stops working at once."""
         if kind not in ("inference", "management"):
             raise ValueError("kind must be 'inference' or 'management'")
-        resp = self._request("POST", f"{self.management_url}/token", self.keys.api, params={"type": kind})
-        key = resp.json().get(kind if kind != "management" else "management")
-        if not key:
-            # TorchServe answers with the whole key file in some versions.
-            key = resp.json().get(kind, {}).get("key") if isinstance(resp.json().get(kind), dict) else None
-        setattr(self.keys, kind, key)
-        return key
+        if self.key_file is None:
+            raise TorchServeError("rotating a key needs the server's key_file.json: "
+                                  "create the client with key_file=...")
+        if not self.keys.api:
+            self.keys.api = self._read_keys().api
+        old = getattr(self.keys, kind)
+        self._request("POST", f"{self.management_url}/token", self.keys.api, params={"type": kind})
+        deadline = time.monotonic() + wait_s
+        while True:
+            new = getattr(self._read_keys(), kind)
+            if new and new != old:
+                setattr(self.keys, kind, new)
+                return new
+            if time.monotonic() > deadline:
+                raise TorchServeError(f"TorchServe accepted the {kind} key rotation but {self.key_file} "
+                                      f"shows no new key after {wait_s:.0f} s")
+            time.sleep(0.1)
 
     # ---- metrics ----------------------------------------------------------------------
 
@@ -166,6 +230,10 @@ class TorchServeClient:
     def metrics(self) -> dict[str, float]:
         """Prometheus samples summed over labels: {'ts_inference_requests_total': 12.0, ...}."""
         return parse_prometheus(self.metrics_text())
+
+    def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """Every Prometheus sample with its labels: [('llama_requests_finished', {'Reason': 'stop', ...}, 3.0), ...]."""
+        return parse_prometheus_samples(self.metrics_text())
 
     # ---- inference --------------------------------------------------------------------
 
@@ -211,6 +279,22 @@ class TorchServeClient:
 def _error_message_from(obj: dict) -> str:
     err = obj.get("error")
     return err.get("message", "error") if isinstance(err, dict) else str(err)
+
+
+def parse_prometheus_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name, _, labels_text = name_labels.partition("{")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels_text))
+        samples.append((name, labels, number))
+    return samples
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

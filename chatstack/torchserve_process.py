@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from chatstack.torchserve_client import Keys, ServerUnreachable, TorchServeClient, TorchServeError
+from chatstack.torchserve_client import ServerUnreachable, TorchServeClient, TorchServeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,12 +84,8 @@ class TorchServeProcess:
                                                    "metrics": "http://127.0.0.1:8082"}[kind])
 
     def client(self, timeout: float = 10.0) -> TorchServeClient:
-        try:
-            keys = Keys.from_key_file(self.key_file)
-        except (OSError, ValueError):  # not written yet, or half-written
-            keys = Keys()
         return TorchServeClient(self.address("inference"), self.address("management"), self.address("metrics"),
-                                keys=keys, timeout=timeout)
+                                timeout=timeout, key_file=self.key_file)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -98,10 +94,11 @@ class TorchServeProcess:
             return self._popen.pid
         try:
             pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        # The pid file may outlive the server (a crash, a reboot): the pid then is
+        # dead, a zombie child of an earlier TorchServeProcess, or someone else's.
+        return pid if _is_torchserve(pid) else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -113,7 +110,15 @@ class TorchServeProcess:
             return False
 
     def started_at(self) -> float | None:
-        return self.pid_file.stat().st_mtime if self.is_running() and self.pid_file.exists() else None
+        """When the running server was started (epoch seconds), else None."""
+        try:
+            return self.pid_file.stat().st_mtime if self.is_running() else None
+        except OSError:
+            return None
+
+    def uptime_s(self) -> float | None:
+        started = self.started_at()
+        return None if started is None else max(0.0, time.time() - started)
 
     def log_tail(self, lines: int = 50, name: str = "ts_log.log") -> list[str]:
         path = self.log_dir / name
@@ -139,10 +144,14 @@ class TorchServeProcess:
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent) + ":" + os.environ.get("PATH", ""))
         if torchserve is None:
             raise StartError("the torchserve command is not installed (pip install -r requirements.txt)")
-        for kind in ("inference", "management", "metrics"):
-            url = urlparse(self.address(kind))
-            if port_in_use(url.hostname or "127.0.0.1", url.port or 80):
-                raise StartError(f"port {url.port} ({kind} API) is already in use on {url.hostname}: "
+        listeners = [(kind, urlparse(self.address(kind))) for kind in ("inference", "management", "metrics")]
+        listeners = [(f"{kind} API", url.hostname or "127.0.0.1", url.port or 80) for kind, url in listeners]
+        for kind, default_port in (("inference", 7070), ("management", 7071)):
+            listeners.append((f"gRPC {kind} API", self.props.get(f"grpc_{kind}_address", "127.0.0.1"),
+                              int(self.props.get(f"grpc_{kind}_port", default_port))))
+        for what, host, port in listeners:
+            if port_in_use(host, port):
+                raise StartError(f"port {port} ({what}) is already in use on {host}: "
                                  "another TorchServe or program is listening there")
         if not self.model_store.is_dir():
             raise StartError(f"the model store {self.model_store} does not exist (run ./package_llama.sh)")
@@ -209,17 +218,61 @@ class TorchServeProcess:
 
     @staticmethod
     def _alive(pid: int) -> bool:
+        _reap(pid)
         try:
             os.killpg(pid, 0)
-            return True
         except OSError:
             return False
+        # A group whose leader is a zombie may still hold live workers; only the
+        # leader's state says nothing when the whole group is gone.
+        return _process_state(pid) not in ("Z", None) or _group_has_live_members(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own child, so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _is_torchserve(pid: int) -> bool:
+    _reap(pid)
+    if _process_state(pid) in (None, "Z"):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"torchserve") for arg in cmdline)
 
 
 def version() -> str:
+    """The installed torchserve package's version (the console asks the running server too)."""
+    from importlib.metadata import PackageNotFoundError, version as package_version
     try:
-        from importlib.metadata import version as v
-        return v("torchserve")
-    except Exception:
+        return package_version("torchserve")
+    except PackageNotFoundError:
         return "unknown"
 
