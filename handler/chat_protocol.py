@@ -130,7 +130,9 @@ class CompletionRequest(SamplingFields):
 
 def _first_error(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "str", "list["))]
+    # Union members show up in `loc` as type tags ('str', 'list[TextPart]'); they are not parameter names.
+    loc = [str(p) for p in err["loc"]
+           if str(p) not in ("str", "int", "float", "bool", "TextPart") and not str(p).startswith(("list[", "function-"))]
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":

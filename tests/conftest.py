@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import socket
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +27,22 @@ def free_port() -> int:
 
 
 def free_port_overrides() -> dict[str, str]:
-    return {f"{kind}_address": f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
+    """Addresses on free ports for every listener, gRPC included (TorchServe always
+    opens its two gRPC ports, so two servers on default gRPC ports collide)."""
+    overrides = {f"{kind}_address": f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
+    overrides["grpc_inference_port"] = str(free_port())
+    overrides["grpc_management_port"] = str(free_port())
+    return overrides
 
 
 def package(*args, store: Path, check=True, **kw) -> subprocess.CompletedProcess:
     """Run package_llama.sh with a model store of the test's own."""
-    return subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), *map(str, args)],
-                          capture_output=True, text=True, check=check, **kw)
+    done = subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), *map(str, args)],
+                          capture_output=True, text=True, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(f"package_llama.sh {' '.join(map(str, args))} failed ({done.returncode}):\n"
+                             f"{done.stdout}\n{done.stderr}")
+    return done
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +53,20 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_store(tmp_path_factory, default_gguf) -> Path:
+def session_dir():
+    """A private folder for the session's servers. Not pytest's tmp_path_factory:
+    pytest deletes all but its last three base folders, and a concurrent pytest
+    run would delete a live server's folder from under it."""
+    path = Path(tempfile.mkdtemp(prefix="chatstack-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def model_store(session_dir, default_gguf) -> Path:
     """A model store holding llama.mar (the default model, the repo's model-config.yaml)."""
-    store = tmp_path_factory.mktemp("model_store")
+    store = session_dir / "model_store"
+    store.mkdir()
     package(store=store)
     return store
 
@@ -59,9 +80,9 @@ def start_server(store: Path, run_dir: Path, register: str | None = "llama.mar",
 
 
 @pytest.fixture(scope="session")
-def torchserve(tmp_path_factory, model_store):
+def torchserve(session_dir, model_store):
     """A real TorchServe (Java frontend) serving the default model as `llama`."""
-    server = start_server(model_store, tmp_path_factory.mktemp("ts_run"))
+    server = start_server(model_store, session_dir / "ts_run")
     yield server
     server.stop()
 
