@@ -12,9 +12,11 @@ with package_llama.sh would pick up the default weights and today's handler).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +175,15 @@ def ensure_default_archive(store: str | Path, timeout_s: float = 900) -> Path:
     if archive.exists():
         return archive
     store.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)],
-                              capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ArchiveError(f"package_llama.sh did not finish within {timeout_s:.0f} s") from None
+    # torch-model-archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps
+    # two packagings at once (another console, a test run) from mixing their files.
+    with tempfile.TemporaryDirectory(prefix="package-llama-") as private_tmp:
+        try:
+            done = subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)],
+                                  capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "TMPDIR": private_tmp})
+        except subprocess.TimeoutExpired:
+            raise ArchiveError(f"package_llama.sh did not finish within {timeout_s:.0f} s") from None
     if done.returncode != 0 or not archive.exists():
         detail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise ArchiveError("package_llama.sh could not build the default model archive: " + " ".join(detail))
