@@ -104,7 +104,11 @@ with server_tab:
 # ---- models ----------------------------------------------------------------------------
 
 archives = list_archives(process.model_store)
-models = admin.registered_models(client) if status.running and status.version else []
+try:
+    models = admin.registered_models(client) if status.running and status.version else []
+except TorchServeError as e:  # the server went away or refused since the status above
+    st.error(f"TorchServe did not list its models: {e.message}")
+    models = []
 
 with models_tab:
     st.subheader("Archives in the model store")
@@ -178,8 +182,7 @@ with tuning_tab:
         st.subheader("Workers (live)")
         w1, w2, w3 = st.columns([1, 1, 2])
         min_workers = w1.number_input("Min workers", 0, 16, current.settings.min_workers, key="min_workers")
-        max_workers = w2.number_input("Max workers", 0, 16, max(current.settings.max_workers, min_workers),
-                                      key="max_workers")
+        max_workers = w2.number_input("Max workers", 0, 16, current.settings.max_workers, key="max_workers")
         w3.write("")
         if w3.button("Scale workers", key="scale"):
             run_action(f"Scaling {name} to {min_workers}–{max_workers} workers", lambda step: admin.scale_workers(

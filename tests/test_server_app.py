@@ -1,0 +1,242 @@
+"""The admin console (server_app.py) through Streamlit's AppTest, and the logic behind it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from chatstack import admin
+from chatstack.admin import ConsoleConfig, MetricsHistory, MetricsSnapshot
+from chatstack.model_archive import (ArchiveError, ModelSettings, edit_model_config, list_archives, next_version,
+                                     package_variant, read_archive)
+from chatstack.torchserve_client import TorchServeError
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+APP = str(ROOT / "server_app.py")
+
+
+def console_ports() -> str:
+    return ",".join(str(free_port()) for _ in range(5))
+
+
+def open_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+@pytest.fixture(scope="module")
+def console(session_dir):
+    """The console's environment: an empty model store, its own run folder and free ports."""
+    store, run_dir = session_dir / "console_store", session_dir / "console_run"
+    store.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHATSTACK_MODEL_STORE", str(store))
+        env.setenv("CHATSTACK_RUN_DIR", str(run_dir))
+        env.setenv("CHATSTACK_PORTS", console_ports())
+        yield ConsoleConfig.from_env()
+        ConsoleConfig.from_env().process().stop()
+
+
+# ---- the app with a real TorchServe ---------------------------------------------------------
+# These run in order on one console: stopped -> started -> used -> stopped.
+
+def test_a_stopped_server_shows_stopped_and_stop_says_it_was_not_running(console):
+    at = open_app()
+    assert at.metric[0].value == "Stopped"
+    at.button(key="stop").click().run()
+    assert texts(at.success) == ["TorchServe was not running"]
+    assert not at.error and not at.exception
+
+
+def test_first_start_builds_the_default_archive_and_registers_it(console):
+    assert list_archives(console.model_store) == []
+    at = open_app()
+    at.button(key="start").click().run()
+    assert not at.error, texts(at.error)
+    assert texts(at.success) == ["TorchServe is running"]
+    assert at.metric[0].value.startswith("Running (pid ")
+    assert at.metric[1].value == "Healthy"
+    assert at.metric[2].value == "0.12.0"
+    assert [a.file for a in list_archives(console.model_store)] == ["llama.mar"]
+    registered = at.dataframe[2].value
+    assert registered[["model", "version", "default"]].values.tolist() == [["llama", "1.0", True]]
+
+
+def test_starting_twice_says_it_is_already_running(console):
+    at = open_app()
+    at.button(key="start").click().run()
+    assert len(at.error) == 1 and at.error[0].value.startswith("TorchServe is already running (pid ")
+    assert at.metric[0].value.startswith("Running")
+
+
+def test_status_view_lists_each_worker_with_pid_and_memory(console):
+    at = open_app()
+    workers = next(df.value for df in at.dataframe if "worker" in df.value.columns)
+    assert workers["status"].tolist() == ["READY"]
+    assert workers["pid"].iloc[0] > 0 and workers["memory MB"].iloc[0] > 0
+    queue = next(df.value for df in at.dataframe if "pending requests" in df.value.columns)
+    assert queue["pending requests"].tolist() == [0]
+
+
+def test_registering_a_registered_archive_shows_torchserve_message(console):
+    at = open_app()
+    register = next(b for b in at.button if b.label == "Register")
+    register.click().run()
+    assert texts(at.error) == ["Model version 1.0 is already registered for model llama"]
+    assert not at.exception
+
+
+def test_the_page_follows_changes_made_behind_its_back(console):
+    client = console.process().client(timeout=300)
+    at = open_app()
+    assert "No model is registered." not in texts(at.info)
+    client.unregister("llama", "1.0")  # someone else, e.g. with curl
+    # Clicking reruns the page, which first re-reads the server: the model is gone, so
+    # the page says so instead of acting on what it showed before.
+    at.button(key="unregister").click().run()
+    assert not at.exception and not at.error
+    assert "No model is registered." in texts(at.info)
+    assert "Register a model first (Models tab)." in texts(at.info)
+    client.register("llama.mar")
+    at.run()
+    assert "No model is registered." not in texts(at.info)
+
+
+def test_the_inference_key_is_masked_until_asked(console):
+    key = json.loads(console.process().key_file.read_text())["inference"]["key"]
+    at = open_app()
+    shown = texts(at.text_input)
+    assert key not in shown and admin.mask_key(key) in shown
+    at.toggle(key="show_key").set_value(True).run()
+    assert key in texts(at.text_input)
+
+
+def test_rotating_the_inference_key_issues_a_new_one(console):
+    key_file = console.process().key_file
+    old = json.loads(key_file.read_text())["inference"]["key"]
+    at = open_app()
+    at.button(key="rotate_inference").click().run()
+    assert not at.error, texts(at.error)
+    new = json.loads(key_file.read_text())["inference"]["key"]
+    assert new != old
+    assert console.process().client().ping() == "Healthy"
+
+
+def test_metrics_view_shows_handler_counters(console):
+    client = console.process().client(timeout=120)
+    client.chat("llama", [{"role": "user", "content": "Hi"}], max_tokens=8)
+    at = open_app()
+    labels = [m.label for m in at.metric]
+    assert {"Generated tokens/s (now)", "Tokens generated", "Slots active / free"} <= set(labels)
+    counters = next(df.value for df in at.dataframe if "metric" in df.value.columns)
+    assert "llama_tokens_generated" in counters["metric"].tolist()
+
+
+def test_stopping_from_the_page_stops_the_server(console):
+    at = open_app()
+    at.button(key="stop").click().run()
+    assert texts(at.success) == ["TorchServe stopped"]
+    assert at.metric[0].value == "Stopped"
+    assert not console.process().is_running()
+
+
+def test_a_port_in_use_shows_the_reason_instead_of_starting(session_dir, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("CHATSTACK_MODEL_STORE", str(session_dir / "console_store"))
+        monkeypatch.setenv("CHATSTACK_RUN_DIR", str(session_dir / "port_run"))
+        monkeypatch.setenv("CHATSTACK_PORTS", f"{port},{free_port()},{free_port()},{free_port()},{free_port()}")
+        at = open_app()
+        at.button(key="start").click().run()
+    assert texts(at.error) == [f"port {port} (inference API) is already in use on 127.0.0.1: "
+                               "another TorchServe or program is listening there"]
+    assert at.metric[0].value == "Stopped"
+
+
+# ---- the logic behind the app (no server) ------------------------------------------------------
+
+def fake_archive(path: Path, version="1.0", config="minWorkers: 1 # workers\nbatchSize: 8\n"
+                 "continuousBatching: true\nhandler:\n  n_ctx: 2048\n") -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps(
+            {"model": {"modelName": "llama", "modelVersion": version, "configFile": "model-config.yaml"}}))
+        z.writestr("model-config.yaml", config)
+        z.writestr("model.gguf", b"GGUF" + bytes(1000))
+    return path
+
+
+def test_editing_the_model_config_changes_values_and_keeps_comments():
+    text = (ROOT / "model-config.yaml").read_text()
+    edited = edit_model_config(text, ModelSettings(batch_size=3, max_batch_delay=40, continuous_batching=False))
+    assert "batchSize: 3 " in edited and "# requests in flight per worker" in edited
+    assert "continuousBatching: false # one handler call" in edited
+    assert "maxBatchDelay: 40 " in edited
+    assert edited.count("\n") == text.count("\n")
+
+
+def test_a_variant_archive_is_a_new_version_with_the_new_settings(tmp_path):
+    fake_archive(tmp_path / "llama.mar")
+    info = package_variant(tmp_path, "llama.mar", "2.0", ModelSettings(batch_size=2, continuous_batching=False))
+    assert (info.file, info.model_name, info.version) == ("llama-v2.0.mar", "llama", "2.0")
+    assert (info.settings.batch_size, info.settings.continuous_batching) == (2, False)
+    with zipfile.ZipFile(tmp_path / info.file) as z, zipfile.ZipFile(tmp_path / "llama.mar") as original:
+        assert z.read("model.gguf") == original.read("model.gguf")
+        assert "n_ctx: 2048" in z.read("model-config.yaml").decode()
+    assert read_archive(tmp_path / "llama.mar").version == "1.0"
+    with pytest.raises(ArchiveError, match="already exists"):
+        package_variant(tmp_path, "llama.mar", "2.0", ModelSettings())
+
+
+def test_next_version_is_above_every_existing_one():
+    assert next_version(["1.0"]) == "2.0"
+    assert next_version(["1.0", "3.0", "2.5-cb300"]) == "4.0"
+    assert next_version([]) == "1.0"
+
+
+def test_registering_anything_but_a_store_archive_is_refused_before_asking_the_server(tmp_path):
+    for url in ("http://example.com/llama.mar", "file:///tmp/llama.mar", "../llama.mar"):
+        with pytest.raises(TorchServeError, match="only archives in the model store"):
+            admin.register_archive(None, tmp_path, url, ModelSettings())
+
+
+def test_metrics_history_derives_tokens_per_second_from_counter_deltas():
+    history = MetricsHistory()
+    history.add(MetricsSnapshot(100.0, {"llama_tokens_generated": 50.0}, {}))
+    history.add(MetricsSnapshot(102.0, {"llama_tokens_generated": 90.0}, {}))
+    assert history.rate("llama_tokens_generated") == 20.0
+    assert [r["generated tokens/s"] for r in history.rows()] == [None, 20.0]
+    history.add(MetricsSnapshot(103.0, {"llama_tokens_generated": 5.0}, {}))  # the server restarted
+    assert len(history.snapshots) == 1
+
+
+def test_console_config_reads_folders_and_ports_from_the_environment():
+    config = ConsoleConfig.from_env({"CHATSTACK_RUN_DIR": "/tmp/r", "CHATSTACK_MODEL_STORE": "/tmp/s",
+                                     "CHATSTACK_PORTS": "1,2,3,4,5"})
+    process = config.process()
+    assert (process.run_dir, process.model_store) == (Path("/tmp/r"), Path("/tmp/s"))
+    assert [process.address(k) for k in ("inference", "management", "metrics")] == [
+        "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+    assert (process.props["grpc_inference_port"], process.props["grpc_management_port"]) == ("4", "5")
+    with pytest.raises(ValueError, match="CHATSTACK_PORTS"):
+        ConsoleConfig.from_env({"CHATSTACK_PORTS": "8080"})
+
+
+def test_durations_read_like_uptimes():
+    assert admin.format_duration(None) == "–"
+    assert admin.format_duration(42) == "42s"
+    assert admin.format_duration(3 * 3600 + 5 * 60 + 1) == "3h 5m 1s"
