@@ -33,7 +33,8 @@ LAYOUT_ROOT = "/mnt/models"
 
 # Keys of the repo's config.properties that describe the laptop set-up, not a pod's.
 REPLACED = {"inference_address", "management_address", "metrics_address", "enable_model_api", "allowed_urls",
-            "disable_token_authorization", "metrics_config", "model_store", "load_models", "metrics_mode"}
+            "disable_token_authorization", "metrics_config", "model_store", "load_models", "metrics_mode",
+            "grpc_inference_address", "grpc_management_address"}
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -66,6 +67,9 @@ def build(model: str, *, root: str = LAYOUT_ROOT, inference: str = "http://0.0.0
         "# Prometheus metrics, scraped through the ServingRuntime's prometheus.kserve.io annotations.",
         f"metrics_address={metrics}",
         "metrics_mode=prometheus",
+        "# TorchServe always opens its gRPC APIs too: on loopback, KServe routes HTTP only.",
+        "grpc_inference_address=127.0.0.1",
+        "grpc_management_address=127.0.0.1",
         "# Declares the handler's llama_* metrics; TorchServe exports only declared metrics.",
         f"metrics_config={root}/config/metrics.yaml",
         "# The model is loaded at start-up from the layout's model store.",

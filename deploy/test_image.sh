@@ -101,12 +101,15 @@ in_image "$CTR" -- python -c "import llama_cpp, ts, torch; print('llama-cpp-pyth
 
 # ---- the KServe layout, served from the image ---------------------------------------------------
 log "writing the KServe layout (package_llama.sh --kserve)"
-./package_llama.sh --model-store "$WORK/store" --config deploy/kserve/model-config-cpu.yaml --kserve "$WORK/layout" >/dev/null
+# (own TMPDIR: torch-model-archiver stages in $TMPDIR/<model name>, shared by concurrent packagings)
+mkdir -p "$WORK/tmp"
+TMPDIR="$WORK/tmp" ./package_llama.sh --model-store "$WORK/store" --config deploy/kserve/model-config-cpu.yaml --kserve "$WORK/layout" >/dev/null
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-INF=$(free_port); MET=$(free_port); MGT=$(free_port)
+INF=$(free_port); MET=$(free_port); MGT=$(free_port); GRPC1=$(free_port); GRPC2=$(free_port)
 # the host network is shared with other programs: the layout's ports become free ones
-sed -i -E "s|^(inference_address=http://[^:]+:)[0-9]+|\1$INF|; s|^(metrics_address=http://[^:]+:)[0-9]+|\1$MET|; s|^(management_address=http://[^:]+:)[0-9]+|\1$MGT|" \
+sed -i -E "s|^(inference_address=http://[^:]+:)[0-9]+|\1$INF|; s|^(metrics_address=http://[^:]+:)[0-9]+|\1$MET|; s|^(management_address=http://[^:]+:)[0-9]+|\1$MGT|; /^grpc_(inference|management)_port=/d" \
   "$WORK/layout/config/config.properties"
+printf 'grpc_inference_port=%s\ngrpc_management_port=%s\n' "$GRPC1" "$GRPC2" >> "$WORK/layout/config/config.properties"
 chmod -R a+rX "$WORK/layout"
 log "starting TorchServe in the image (inference :$INF, metrics :$MET)"
 setsid "${BUILDAH[@]}" run --isolation chroot --network host -v "$WORK/layout:/mnt/models:ro" "$CTR" -- \
