@@ -59,6 +59,11 @@ def answer_again(conversation_id: int) -> None:
     """Regenerate the last answer, or retry one that failed."""
     store.remove_last_answer(conversation_id)
     st.session_state.answer_pending = True
+    check_again()
+
+
+def save_settings() -> None:
+    store.save_settings({name: st.session_state[name] for name in chat.ChatSettings().as_dict()})
 
 
 def check_again() -> None:
@@ -83,16 +88,21 @@ with st.sidebar:
                       args=(current.id,))
 
     with st.expander("Settings", icon=":material/tune:"):
-        settings = chat.ChatSettings(
-            model=st.selectbox("Model", registered_models(server), key="model"),
-            system_prompt=st.text_area("System prompt", chat.DEFAULT_SYSTEM_PROMPT, key="system_prompt"),
-            temperature=st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature",
-                                  help="Higher is more varied, 0 always picks the likeliest word."),
-            top_p=st.slider("Top p", 0.05, 1.0, 0.95, 0.05, key="top_p",
-                            help="Sample only from the likeliest words that together make up this share."),
-            max_tokens=st.number_input("Max answer tokens", 16, 1536, 512, 16, key="max_tokens"),
-        )
+        models = registered_models(server)
+        # Settings last across reloads and restarts: the database keeps the last ones used.
+        if "settings_loaded" not in st.session_state or st.session_state.model not in models:
+            st.session_state.update(chat.ChatSettings.from_saved(store.load_settings(), models).as_dict())
+            st.session_state.settings_loaded = True
+        st.selectbox("Model", models, key="model", on_change=save_settings)
+        st.text_area("System prompt", key="system_prompt", on_change=save_settings)
+        st.slider("Temperature", *chat.LIMITS["temperature"], step=0.05, key="temperature", on_change=save_settings,
+                  help="Higher is more varied, 0 always picks the likeliest word.")
+        st.slider("Top p", *chat.LIMITS["top_p"], step=0.05, key="top_p", on_change=save_settings,
+                  help="Sample only from the likeliest words that together make up this share.")
+        st.number_input("Max answer tokens", *chat.LIMITS["max_tokens"], step=64, key="max_tokens",
+                        on_change=save_settings)
         st.caption(f"Server: {server.inference_url}")
+        settings = chat.ChatSettings(**{name: st.session_state[name] for name in chat.ChatSettings().as_dict()})
     context_placeholder = st.empty()
 
 # ---- session state: health of the server, answer to write ---------------------------
@@ -171,4 +181,6 @@ if st.session_state.answer_pending:
         except TorchServeError as error:
             st.session_state.last_error = error.message
             st.session_state.pop("health", None)  # say what is wrong on the next run
+        else:
+            st.session_state.health = chat.Health(chat.READY, "The last answer came through.")
     st.rerun()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -90,6 +90,10 @@ def available_models(server: ServerSettings) -> list[str]:
 
 # ---- what to ask -------------------------------------------------------------------
 
+# What the settings may be: the 2048-token context must keep room for the prompt.
+LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.05, 1.0), "max_tokens": (1, 1536)}
+
+
 @dataclass
 class ChatSettings:
     model: str = DEFAULT_MODEL
@@ -97,6 +101,26 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
+
+    @classmethod
+    def from_saved(cls, saved: dict, models: list[str]) -> "ChatSettings":
+        """Settings saved earlier, each checked; anything missing or no longer valid takes its default."""
+        settings = cls(model=models[0] if models else DEFAULT_MODEL)
+        for name, kind in (("system_prompt", str), ("temperature", float), ("top_p", float), ("max_tokens", int)):
+            value = saved.get(name)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                try:
+                    value = kind(value)
+                except ValueError:
+                    continue  # keep the default
+                low, high = LIMITS.get(name, (value, value))
+                setattr(settings, name, min(max(value, low), high))
+        if saved.get("model") in models:
+            settings.model = saved["model"]
+        return settings
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
@@ -157,13 +181,12 @@ def check_health(server: ServerSettings, model: str) -> Health:
     """Ask TorchServe whether a chat with `model` can start now."""
     client = server.client(timeout=5)
     try:
-        # TorchServe 0.12 wants the inference key on /ping too.
-        status = client._request("GET", f"{server.inference_url}/ping", server.inference_key).json().get("status")
+        status = client.ping()
         if status != "Healthy":
             return Health(LOADING, f"TorchServe says it is {status}: workers are still starting.")
-        # An empty body is refused by the model's handler (400) without generating
-        # anything; reaching the handler proves key, model and a ready worker.
-        client._request("POST", f"{server.inference_url}/predictions/{model}", server.inference_key, json={})
+        # A chat without messages is refused by the model's handler (400) before
+        # anything is generated; reaching the handler proves key, model and a ready worker.
+        client.chat(model, [], timeout=client.timeout)
     except TorchServeError as error:
         if error.status == 400 and not is_token_refused(error):
             return Health(READY, f"The model \"{model}\" is ready.")

@@ -7,6 +7,7 @@ reader in one session see another session's writes without blocking it.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -23,15 +24,16 @@ TITLE_LENGTH = 48
 # server broke off mid-answer (kept so the user sees it, replaced on retry).
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
 
+# AUTOINCREMENT: a deleted conversation's id (kept in old URLs) never names a new one.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content TEXT NOT NULL,
@@ -47,6 +49,10 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -185,3 +191,17 @@ class ConversationStore:
                 return None
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
         return Message(**row)
+
+    # ---- settings -------------------------------------------------------------------
+
+    def load_settings(self) -> dict:
+        """The chat settings last saved (model, system prompt, sampling), by name."""
+        with self._connect() as db:
+            rows = db.execute("SELECT name, value FROM settings").fetchall()
+        return {row["name"]: json.loads(row["value"]) for row in rows}
+
+    def save_settings(self, settings: dict) -> None:
+        with self._connect() as db:
+            db.executemany("INSERT INTO settings (name, value) VALUES (?, ?) "
+                           "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                           [(name, json.dumps(value)) for name, value in settings.items()])
