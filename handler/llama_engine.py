@@ -416,7 +416,8 @@ class Engine:
             active.first_token_at = now
             self.stats.last_time_to_first_token = now - active.submitted_at
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-            self._finish(slot, updates, FINISH_STOP, text=active.utf8.decode(b"", final=True))
+            # Bytes of an unfinished character are dropped, never sent as U+FFFD.
+            self._finish(slot, updates, FINISH_STOP, text=active.stops.flush())
             return
         active.n_generated += 1
         self.stats.tokens_generated += 1
@@ -426,7 +427,7 @@ class Engine:
             return
         out_of_room = len(slot.cached) + 1 >= self.n_ctx_seq
         if active.n_generated >= active.request.max_tokens or out_of_room:
-            text += active.stops.feed(active.utf8.decode(b"", final=True))[0] + active.stops.flush()
+            text += active.stops.flush()
             self._finish(slot, updates, FINISH_LENGTH, text=text)
             return
         active.next_token = token

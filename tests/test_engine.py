@@ -1,0 +1,186 @@
+"""The batching engine on the default model, without TorchServe."""
+
+from __future__ import annotations
+
+import pytest
+
+from chat_prompt import ChatPrompter
+from llama_engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, EngineConfig, GenerationRequest,
+                          SamplingParams, StopStringMatcher)
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 10.",
+           "Name three colors.", "What is 2+2?", "Tell me a joke.", "Who wrote Hamlet?", "Describe a cat."]
+
+
+@pytest.fixture(scope="module")
+def engine(default_gguf):
+    eng = Engine(str(default_gguf), EngineConfig(n_slots=8, n_ctx_per_slot=1024, n_threads=2))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def prompter(engine):
+    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
+                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))
+
+
+def chat_tokens(prompter, text):
+    return prompter.tokens([{"role": "user", "content": text}])
+
+
+def run_all(engine, requests: dict[str, GenerationRequest], on_step=None):
+    """Submit, step until idle; returns {id: (text, final Update)} and the order requests finished in."""
+    for rid, req in requests.items():
+        engine.submit(rid, req)
+    texts = {rid: "" for rid in requests}
+    finals, order, step = {}, [], 0
+    while engine.is_busy():
+        for rid, upd in engine.step().items():
+            texts[rid] = texts.get(rid, "") + upd.text
+            if upd.finished:
+                finals[rid] = upd
+                order.append(rid)
+        step += 1
+        if on_step:
+            on_step(step, texts)
+    return {rid: (texts[rid], finals[rid]) for rid in finals}, order
+
+
+def forget_cache(engine):
+    for slot in engine.slots:
+        engine._forget_cache(slot)
+
+
+def test_eight_prompts_decoded_together_equal_each_decoded_alone(engine, prompter):
+    alone = {}
+    for i, p in enumerate(PROMPTS):
+        forget_cache(engine)
+        out, _ = run_all(engine, {f"alone{i}": GenerationRequest(chat_tokens(prompter, p), 48, GREEDY)})
+        alone[i] = out[f"alone{i}"][0]
+    forget_cache(engine)
+    before = engine.stats.max_sequences_per_decode
+    together, _ = run_all(engine, {f"t{i}": GenerationRequest(chat_tokens(prompter, p), 48, GREEDY)
+                                   for i, p in enumerate(PROMPTS)})
+    assert [together[f"t{i}"][0] for i in range(8)] == [alone[i] for i in range(8)]
+    assert engine.stats.max_sequences_per_decode == 8 or before == 8
+
+
+def test_engine_batches_several_sequences_per_decode(engine, prompter):
+    calls, seqs = engine.stats.decode_calls, engine.stats.sequences_decoded
+    run_all(engine, {f"b{i}": GenerationRequest(chat_tokens(prompter, p), 24, GREEDY)
+                     for i, p in enumerate(PROMPTS[:4])})
+    per_call = (engine.stats.sequences_decoded - seqs) / (engine.stats.decode_calls - calls)
+    assert per_call > 2.5, f"only {per_call:.2f} sequences per llama_decode"
+
+
+def test_short_request_sent_during_a_long_one_finishes_first(engine, prompter):
+    engine.submit("long", GenerationRequest(chat_tokens(prompter, "Write a long story about a dragon."), 200,
+                                            GREEDY))
+    for _ in range(5):
+        engine.step()
+    out, order = run_all(engine, {"short": GenerationRequest(chat_tokens(prompter, "Say yes."), 4, GREEDY)})
+    assert order == ["short", "long"]
+    assert out["long"][1].completion_tokens > out["short"][1].completion_tokens
+
+
+def test_second_turn_reuses_the_first_turns_cached_prefix(engine, prompter):
+    turn1 = [{"role": "user", "content": "My name is Ada. Remember it."}]
+    out, _ = run_all(engine, {"turn1": GenerationRequest(prompter.tokens(turn1), 24, GREEDY)})
+    answer = out["turn1"][0]
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "What is my name?"}]
+    reused_before = engine.stats.tokens_reused
+    out, _ = run_all(engine, {"turn2": GenerationRequest(prompter.tokens(turn2), 8, GREEDY)})
+    reused = engine.stats.tokens_reused - reused_before
+    assert out["turn2"][1].cached_tokens == reused
+    assert reused >= len(prompter.tokens(turn1)), "turn 2 must not re-read turn 1"
+
+
+def test_cancelled_request_frees_its_slot_at_the_next_step(engine, prompter):
+    engine.submit("gone", GenerationRequest(chat_tokens(prompter, "Tell me a very long story."), 500, GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats.slots_active == 1
+    engine.cancel("gone")
+    updates = engine.step()
+    assert updates["gone"].finished and updates["gone"].finish_reason == FINISH_CANCELLED
+    assert engine.stats.slots_active == 0 and not engine.is_busy()
+    out, _ = run_all(engine, {"next": GenerationRequest(chat_tokens(prompter, "Say hi."), 4, GREEDY)})
+    assert out["next"][0]
+
+
+def test_max_tokens_ends_with_length(engine, prompter):
+    out, _ = run_all(engine, {"m": GenerationRequest(chat_tokens(prompter, "Count to one hundred."), 5, GREEDY)})
+    assert out["m"][1].finish_reason == FINISH_LENGTH and out["m"][1].completion_tokens == 5
+
+
+def test_end_of_generation_token_ends_with_stop(engine, prompter):
+    out, _ = run_all(engine, {"e": GenerationRequest(chat_tokens(prompter, "What is 2+2?"), 200, GREEDY)})
+    text, final = out["e"]
+    assert final.finish_reason == FINISH_STOP and final.completion_tokens < 200
+    assert "<|im_end|>" not in text
+
+
+def test_stop_string_ends_the_stream_and_never_leaks(engine, prompter):
+    prompt = chat_tokens(prompter, "Count from 1 to 10, separated by commas.")
+    full, _ = run_all(engine, {"full": GenerationRequest(prompt, 40, GREEDY)})
+    assert "5" in full["full"][0]
+    seen = []
+    out, _ = run_all(engine, {"s": GenerationRequest(prompt, 40, GREEDY, stop=["5"])},
+                     on_step=lambda step, texts: seen.append(texts["s"]))
+    text, final = out["s"]
+    assert final.finish_reason == FINISH_STOP
+    assert text == full["full"][0].split("5")[0]
+    assert all("5" not in partial for partial in seen)
+
+
+def test_stop_string_matcher_holds_back_a_possible_start():
+    m = StopStringMatcher(["</end>"])
+    assert m.feed("hello </e") == ("hello ", False)
+    assert m.feed("xtra") == ("</extra", False)
+    assert m.feed(" </end> tail") == (" ", True)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("🎉🎉🎉 party 🎉🎉🎉 party 🎉🎉🎉 party", "🎉"),
+    ("你好，世界。你好，世界。你好，世界。你好，", "世"),
+])
+def test_multibyte_text_streams_intact(engine, prompt, expected):
+    # A plain completion the small model continues with the same multi-byte characters.
+    engine.submit("u", GenerationRequest(engine.tokenize(prompt), 19, GREEDY))
+    pieces = []
+    while engine.is_busy():
+        pieces.extend(upd.text for upd in engine.step().values())
+    assert all("\ufffd" not in p for p in pieces), pieces
+    assert expected in "".join(pieces)
+    assert "" in pieces, "a character split over several tokens must be held back until complete"
+
+
+def test_prompt_longer_than_the_context_is_refused(engine):
+    with pytest.raises(ValueError, match="tokens but at most"):
+        engine.submit("big", GenerationRequest(list(range(100, 100 + 2000)), 8, GREEDY))
+    assert not engine.is_busy()
+
+
+def test_over_long_conversation_keeps_system_prompt_and_newest_turns(prompter):
+    system = {"role": "system", "content": "You are terse."}
+    turns = []
+    for i in range(40):
+        turns.append({"role": "user", "content": f"Question {i}: " + "blah " * 20})
+        turns.append({"role": "assistant", "content": f"Answer {i}: " + "meh " * 20})
+    turns.append({"role": "user", "content": "Last question?"})
+    fitted = prompter.fit([system] + turns, n_fit=600)
+    assert 0 < fitted.messages_dropped < len(turns)
+    assert len(fitted.tokens) <= 600
+    text = prompter.render([system] + turns[fitted.messages_dropped:])
+    assert fitted.tokens == prompter.tokens([system] + turns[fitted.messages_dropped:])
+    assert "You are terse." in text and "Last question?" in text and "Question 0:" not in text
+    assert turns[fitted.messages_dropped]["role"] == "user"
+
+
+def test_single_message_too_long_for_the_context_is_refused(prompter):
+    from chat_prompt import ContextOverflow
+
+    with pytest.raises(ContextOverflow, match="at most 100 fit"):
+        prompter.fit([{"role": "user", "content": "word " * 500}], n_fit=100)
