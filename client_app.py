@@ -128,7 +128,7 @@ if not history:
     st.caption("Ask anything. Answers come from the model on your TorchServe.")
 for message in history:
     with st.chat_message(message.role):
-        st.markdown(message.content)
+        st.markdown(chat.as_markdown(message.content))
         if message.role == "assistant":
             st.caption(chat.answer_caption(message))
             with st.popover("Copy", icon=":material/content_copy:"):
@@ -141,8 +141,10 @@ if use:
         st.warning(use.dropped_note(), icon=":material/history:")
 
 if current and chat.needs_answer(history) and not st.session_state.answer_pending:
-    if history[-1].error or st.session_state.get("last_error"):
-        st.error(f"The answer failed: {history[-1].error or st.session_state.last_error}")
+    # When the server is unwell, the health message above already says why.
+    failure = history[-1].error or st.session_state.get("last_error")
+    if failure and health.ok:
+        st.error(f"The answer failed: {failure}")
     st.button("Retry", icon=":material/refresh:", on_click=answer_again, args=(current.id,))
 elif current and history and history[-1].role == "assistant" and not st.session_state.answer_pending:
     st.button("Regenerate", icon=":material/autorenew:", on_click=answer_again, args=(current.id,),

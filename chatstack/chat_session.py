@@ -7,6 +7,7 @@ client_app.py draws; this module decides.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -361,6 +362,14 @@ def answer_caption(message: Message) -> str:
     elif message.status == FAILED:
         parts.append("broke off")
     return " · ".join(parts)
+
+
+def as_markdown(text: str) -> str:
+    """Keep the model's single line breaks (poems, lists, addresses): Markdown
+    would join such lines. Code blocks are left as they are."""
+    parts = re.split(r"(```.*?(?:```|$))", text, flags=re.S)
+    return "".join(part if part.startswith("```") else re.sub(r"(?<!\n)\n(?!\n)", "  \n", part)
+                   for part in parts)
 
 
 @dataclass

@@ -68,14 +68,16 @@ def test_a_message_gets_a_streamed_answer_that_is_saved(app_env, db_path):
     assert bot_role == "assistant" and answer.strip()
     caption = at.chat_message[1].caption[0].value
     assert "tokens/s" in caption and "llama" in caption
-    # The copy control holds the answer's exact text.
-    assert at.chat_message[1].code[0].value == answer
 
     store = ConversationStore(db_path)
     [conversation] = store.list()
     assert conversation.title == "Name three colours."
-    assert [(m.role, m.content, m.status) for m in store.messages(conversation.id)] == [
-        ("user", "Name three colours.", "complete"), ("assistant", answer, COMPLETE)]
+    user, saved_answer = store.messages(conversation.id)
+    assert (user.role, user.content) == ("user", "Name three colours.")
+    assert (saved_answer.role, saved_answer.status) == ("assistant", COMPLETE)
+    assert chat.as_markdown(saved_answer.content) == answer
+    # The copy control holds the answer's exact text.
+    assert at.chat_message[1].code[0].value == saved_answer.content
     assert at.query_params["conversation"] == str(conversation.id)
     assert "Name three colours." in [b.label for b in at.sidebar.button]
 
@@ -136,7 +138,7 @@ def test_regenerate_replaces_the_last_answer(app_env, db_path):
     messages = store.messages(1)
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[-1].id > first_answer.id
-    assert transcript(at)[-1] == ("assistant", messages[-1].content)
+    assert transcript(at)[-1] == ("assistant", chat.as_markdown(messages[-1].content))
 
 
 def test_server_down_keeps_the_message_and_the_answer_can_be_retried(app_env, db_path, torchserve):
@@ -270,3 +272,9 @@ def test_settings_last_across_page_loads(app_env, db_path):
     reopened = AppTest.from_file(APP, default_timeout=120).run()
     assert reopened.text_area(key="system_prompt").value == "Answer like a pirate."
     assert reopened.number_input(key="max_tokens").value == 48
+
+
+def test_single_line_breaks_survive_markdown_but_code_is_untouched():
+    assert chat.as_markdown("Roses are red,\nviolets blue.\n\nNew verse") == \
+        "Roses are red,  \nviolets blue.\n\nNew verse"
+    assert chat.as_markdown("Run:\n```\na = 1\nb = 2\n```") == "Run:  \n```\na = 1\nb = 2\n```"

@@ -1,0 +1,258 @@
+"""End to end: `streamlit run client_app.py` in headless Chromium (Playwright),
+chatting with the real TorchServe of the session `torchserve` fixture.
+
+Screenshots of what a user sees are saved into screenshots/chat_*.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+import requests
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from chatstack.conversations import ConversationStore
+from chatstack.torchserve_client import Keys
+from conftest import ROOT, free_port
+
+SCREENSHOTS = ROOT / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+# Generous: the test machine may be busy with other work.
+ANSWER_TIMEOUT_MS = 180_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def start_app(tmp_path):
+    """Start `streamlit run client_app.py` on a free port with the given settings;
+    stopped at the end of the test."""
+    processes = []
+
+    def start(db_path, **env) -> str:
+        port = free_port()
+        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHSERVE_", "CHAT_"))}
+        log = open(tmp_path / f"streamlit-{port}.log", "wb")
+        process = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / "client_app.py"),
+             "--server.headless=true", f"--server.port={port}", "--server.address=127.0.0.1",
+             "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"],
+            cwd=ROOT, env={**clean_env, "CHAT_DB_PATH": str(db_path), **env}, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "_stcore/health", timeout=1).text == "ok":
+                    return url
+            except requests.RequestException:
+                pass
+            assert process.poll() is None, (tmp_path / f"streamlit-{port}.log").read_text()
+            time.sleep(0.3)
+        raise AssertionError("streamlit did not start within 60 s")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def server_env(torchserve) -> dict:
+    return {"TORCHSERVE_URL": torchserve.address("inference"),
+            "TORCHSERVE_MANAGEMENT_URL": torchserve.address("management"),
+            "TORCHSERVE_KEY_FILE": str(torchserve.key_file)}
+
+
+def fresh_db(tmp_path, max_tokens=48):
+    """A database whose saved settings keep answers short and repeatable."""
+    db_path = tmp_path / "chat.db"
+    ConversationStore(db_path).save_settings({"max_tokens": max_tokens, "temperature": 0.0})
+    return db_path
+
+
+# ---- what a user does and sees ---------------------------------------------------------
+
+def open_chat(page: Page, url: str) -> Page:
+    page.set_viewport_size({"width": 1280, "height": 860})
+    page.goto(url)
+    expect(page.get_by_placeholder("Message the model")).to_be_enabled(timeout=60_000)
+    return page
+
+
+def send(page: Page, text: str) -> None:
+    box = page.get_by_placeholder("Message the model")
+    box.fill(text)
+    box.press("Enter")
+
+
+def messages(page: Page):
+    return page.get_by_test_id("stChatMessage")
+
+
+def answer_text(page: Page, index: int = -1) -> str:
+    """The text of an assistant message, without its caption and copy control."""
+    message = messages(page).nth(index if index >= 0 else messages(page).count() + index)
+    return message.get_by_test_id("stMarkdownContainer").first.inner_text()
+
+
+def wait_until_answered(page: Page) -> None:
+    # After an answer is saved the app shows it with its Regenerate button.
+    expect(page.get_by_role("button", name="Regenerate")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+    expect(page.get_by_test_id("stChatInputStopButton")).to_have_count(0, timeout=30_000)
+
+
+def conversation_titles(page: Page) -> list[str]:
+    """The conversations listed in the sidebar (their buttons have keys open-<id>)."""
+    return [t.strip() for t in page.locator("[class*='st-key-open-'] button").all_inner_texts()]
+
+
+def words(text: str) -> str:
+    """Text without punctuation and Markdown marks, to compare what is shown with what was saved."""
+    return " ".join(re.findall(r"\w+", text))
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"chat_{name}.png"))
+
+
+# ---- tests ------------------------------------------------------------------------------
+
+def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Browser, start_app, torchserve,
+                                                                      tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=64)
+    url = start_app(db_path, **server_env(torchserve))
+    page = open_chat(browser.new_page(), url)
+
+    send(page, "Write a short poem about the sea.")
+    # The answer grows while it is generated: sample it until the run ends.
+    lengths = []
+    stop_button = page.get_by_test_id("stChatInputStopButton")
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        running = stop_button.count() > 0
+        if messages(page).count() == 2:
+            lengths.append(len(answer_text(page)))
+        if not running and lengths and lengths[-1] > 0:
+            break
+        page.wait_for_timeout(50)
+    wait_until_answered(page)
+    partial_lengths = sorted(set(n for n in lengths if n > 0))
+    assert len(partial_lengths) >= 3, f"the answer did not appear piece by piece: {lengths}"
+
+    answer = answer_text(page)
+    caption = messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
+    assert "tokens/s" in caption
+    screenshot(page, "view")
+
+    page.reload()
+    expect(messages(page)).to_have_count(2, timeout=60_000)
+    assert "Write a short poem about the sea." in messages(page).first.inner_text()
+    assert answer_text(page) == answer
+
+    page.get_by_role("button", name="New chat").click()
+    expect(messages(page)).to_have_count(0)
+    send(page, "What is the capital of France?")
+    wait_until_answered(page)
+    assert conversation_titles(page) == ["What is the capital of France?", "Write a short poem about the sea."]
+
+    page.get_by_role("button", name="Write a short poem about the sea.").click()
+    expect(messages(page).first).to_contain_text("Write a short poem about the sea.")
+    assert answer_text(page) == answer
+
+    page.get_by_text("Settings").click()
+    expect(page.get_by_label("Max answer tokens")).to_be_in_viewport()
+    page.wait_for_timeout(500)  # let the expander finish opening
+    screenshot(page, "settings")
+
+
+def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, start_app, torchserve, tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=1000)
+    url = start_app(db_path, **server_env(torchserve))
+    page = open_chat(browser.new_page(), url)
+
+    send(page, "Tell a long story about a dragon who learns to fly.")
+    expect(messages(page)).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_function(  # some words are written
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
+        " return m.length == 2 && m[1].innerText.length > 40; }", timeout=ANSWER_TIMEOUT_MS)
+    page.get_by_test_id("stChatInputStopButton").click()
+    expect(page.get_by_test_id("stChatInputStopButton")).to_have_count(0, timeout=30_000)
+    written = answer_text(page)
+    page.wait_for_timeout(2000)
+    assert answer_text(page) == written, "text kept coming after Stop"
+    screenshot(page, "stopped")
+
+    # What was written is saved, marked as stopped, and can be regenerated.
+    page.reload()
+    expect(messages(page)).to_have_count(2, timeout=60_000)
+    kept = answer_text(page)
+    assert kept.startswith(written.rstrip()[:30]) and 40 < len(kept) < 4000
+    assert "stopped" in messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
+    [conversation] = ConversationStore(db_path).list()
+    saved = ConversationStore(db_path).messages(conversation.id)[-1]
+    assert saved.status == "stopped" and saved.completion_tokens < 1000
+    expect(page.get_by_role("button", name="Regenerate")).to_be_visible()
+
+
+def test_two_browser_sessions_chatting_at_once_each_get_their_answer(browser: Browser, start_app, torchserve,
+                                                                     tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=32)
+    url = start_app(db_path, **server_env(torchserve))
+    alice = open_chat(browser.new_context().new_page(), url)
+    bob = open_chat(browser.new_context().new_page(), url)
+
+    send(alice, "Name a fruit that is red.")
+    send(bob, "Name a planet in the solar system.")
+    wait_until_answered(alice)
+    wait_until_answered(bob)
+
+    store = ConversationStore(db_path)
+    conversations = {c.title: store.messages(c.id) for c in store.list()}
+    assert set(conversations) == {"Name a fruit that is red.", "Name a planet in the solar system."}
+    for page, question in ((alice, "Name a fruit that is red."), (bob, "Name a planet in the solar system.")):
+        user, answer = conversations[question]
+        assert (user.content, answer.role, answer.status) == (question, "assistant", "complete")
+        assert question in messages(page).first.inner_text()
+        assert words(answer_text(page)) == words(answer.content)
+
+
+@pytest.mark.parametrize("problem, says", [
+    ("server_down", "TorchServe is not running"),
+    ("wrong_key", "TorchServe refused the inference key"),
+    ("model_missing", "is not registered on TorchServe"),
+])
+def test_server_problems_are_explained_and_the_typed_message_is_kept(browser: Browser, start_app, torchserve,
+                                                                      tmp_path, problem, says):
+    right_key = Keys.from_key_file(torchserve.key_file).inference
+    env = {"server_down": {"TORCHSERVE_URL": f"http://127.0.0.1:{free_port()}"},
+           "wrong_key": {"TORCHSERVE_URL": torchserve.address("inference"), "TORCHSERVE_INFERENCE_KEY": "wrong"},
+           "model_missing": {"TORCHSERVE_URL": torchserve.address("inference"), "TORCHSERVE_INFERENCE_KEY": right_key,
+                             "TORCHSERVE_MODEL": "no-such-model"}}[problem]
+    env["TORCHSERVE_MANAGEMENT_URL"] = f"http://127.0.0.1:{free_port()}"  # no management API: the configured model
+    db_path = fresh_db(tmp_path)
+    page = open_chat(browser.new_page(), start_app(db_path, **env))
+    alert = page.get_by_test_id("stAlertContentError")
+    expect(alert).to_contain_text(says, timeout=30_000)  # before the first message
+
+    send(page, "Please keep this question safe.")
+    expect(page.get_by_role("button", name="Retry")).to_be_visible(timeout=60_000)
+    expect(alert.first).to_contain_text(says)
+    expect(messages(page)).to_have_count(1)
+    if problem == "server_down":
+        screenshot(page, "server_down")
+
+    page.reload()
+    expect(messages(page).first).to_contain_text("Please keep this question safe.", timeout=60_000)
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
