@@ -4,13 +4,17 @@
           default model archive unless --no-model); returns once it is ready
   stop    stop it
   status  say whether it runs and list the registered models
-  key     print the inference key clients need (from key_file.json)
+  key     print the inference key clients need (from key_file.json);
+          --management prints the management key instead
+
+The run folder (key_file.json, logs) is .run/ unless CHATSTACK_RUN_DIR says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -31,7 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["start", "stop", "status", "key"])
     parser.add_argument("--config", default=str(ROOT / "config.properties"))
     parser.add_argument("--model-store", default=str(ROOT / "model_store"))
-    parser.add_argument("--run-dir", default=str(ROOT / ".run"))
+    parser.add_argument("--run-dir", default=os.environ.get("CHATSTACK_RUN_DIR", str(ROOT / ".run")))
+    parser.add_argument("--management", action="store_true", help="with key: print the management key")
     parser.add_argument("--no-model", action="store_true", help="start without registering the default model")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
@@ -56,7 +61,12 @@ def main(argv=None) -> int:
             print(f"pid {server.pid()}, ping: {client.ping()}")
             print(json.dumps(client.list_models(), indent=2))
         elif args.command == "key":
-            print(server.client().keys.inference or "no key file yet: start TorchServe first")
+            keys = server.client().keys
+            key = keys.management if args.management else keys.inference
+            if not key:
+                print(f"no key in {server.key_file}: start TorchServe first", file=sys.stderr)
+                return 1
+            print(key)
     except (StartError, TorchServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
