@@ -55,8 +55,8 @@ def run_action(title: str, action) -> None:
 # ---- sidebar ---------------------------------------------------------------------------
 
 with st.sidebar:
-    st.title("🛠️ TorchServe console")
-    refresh_s = st.slider("Auto-refresh every (s)", 1, 30, 3, key="refresh_s")
+    st.title("TorchServe console")
+    refresh_s = st.slider("Auto-refresh every (s)", 1, 30, 5, key="refresh_s")
     log_lines = st.slider("Log lines", 10, 200, 40, step=10, key="log_lines")
     st.caption(f"Model store: `{process.model_store}`")
     st.caption(f"Run folder: `{process.run_dir}`")
@@ -64,12 +64,15 @@ with st.sidebar:
 
 st.title("TorchServe admin console")
 
-if "flash" in st.session_state:
-    kind, message, steps = st.session_state.pop("flash")
-    (st.error if kind == "error" else st.success)(message)
-    if steps:
-        with st.expander("Steps", expanded=kind == "error"):
-            st.markdown("\n".join(f"- {s}" for s in steps))
+# Always one container here, message or not: the tabs below then keep their place in
+# the page, and the browser keeps the open tab across reruns.
+with st.container():
+    if "flash" in st.session_state:
+        kind, message, steps = st.session_state.pop("flash")
+        (st.error if kind == "error" else st.success)(message)
+        if steps:
+            with st.expander("Steps", expanded=kind == "error"):
+                st.markdown("\n".join(f"- {s}" for s in steps))
 
 status = admin.server_status(process)
 client = process.client(timeout=30)
@@ -81,12 +84,14 @@ server_tab, models_tab, tuning_tab, status_tab, metrics_tab, security_tab = st.t
 
 with server_tab:
     col_state, col_health, col_version, col_uptime = st.columns(4)
-    col_state.metric("State", f"Running (pid {status.pid})" if status.running else "Stopped")
+    col_state.metric("State", "Running" if status.running else "Stopped")
     col_health.metric("Health (/ping)", status.health)
     col_version.metric("TorchServe version", status.version or "–")
     col_uptime.metric("Uptime", admin.format_duration(status.uptime_s))
     st.dataframe(pd.DataFrame([{"API": k, "address": v} for k, v in status.addresses.items()]),
                  hide_index=True)
+    if status.running:
+        st.caption(f"pid {status.pid} · logs in `{process.log_dir}`")
 
     register_default = st.checkbox(f"Register the default model ({DEFAULT_ARCHIVE}) after start", value=True,
                                    key="register_default")
@@ -180,32 +185,39 @@ with tuning_tab:
                    f"continuous batching {'on' if current.settings.continuous_batching else 'off'}")
 
         st.subheader("Workers (live)")
-        w1, w2, w3 = st.columns([1, 1, 2])
-        min_workers = w1.number_input("Min workers", 0, 16, current.settings.min_workers, key="min_workers")
-        max_workers = w2.number_input("Max workers", 0, 16, current.settings.max_workers, key="max_workers")
-        w3.write("")
-        if w3.button("Scale workers", key="scale"):
-            run_action(f"Scaling {name} to {min_workers}–{max_workers} workers", lambda step: admin.scale_workers(
-                client, name, int(min_workers), int(max_workers), version=current.version))
+        if current.settings.continuous_batching:
+            st.warning("With continuous batching on, chats hung in our tests once a version had more than one "
+                       "worker (TorchServe 0.12 handed each request to every worker). Keep one worker per "
+                       "version, or switch continuous batching off below before scaling up.")
+        # Forms: the inputs rerun the page only when submitted, not at every change.
+        with st.form("scale_form"):
+            w1, w2 = st.columns(2)
+            min_workers = w1.number_input("Min workers", 0, 16, current.settings.min_workers, key="min_workers")
+            max_workers = w2.number_input("Max workers", 0, 16, current.settings.max_workers, key="max_workers")
+            if st.form_submit_button("Scale workers", key="scale"):
+                run_action(f"Scaling {name} to {min_workers}–{max_workers} workers", lambda step: admin.scale_workers(
+                    client, name, int(min_workers), int(max_workers), version=current.version))
 
         st.subheader("Batching (without dropping chats)")
         st.caption("TorchServe cannot change these on a running model: the console registers them as a new "
                    "version, waits for its workers, makes it the default, lets chats in flight on the old "
                    "version finish, then unregisters the old version.")
-        b1, b2, b3 = st.columns(3)
-        new_batch = b1.number_input("Batch size", 1, 64, current.settings.batch_size, key="tune_batch")
-        new_delay = b2.number_input("Max batch delay (ms)", 0, 10_000, current.settings.max_batch_delay,
-                                    key="tune_delay")
-        new_continuous = b3.checkbox("Continuous batching", current.settings.continuous_batching,
-                                     key="tune_continuous")
-        if st.button("Apply batch settings", key="swap"):
-            workers_now = max(1, len(current.workers))
-            wanted = ModelSettings(min_workers=workers_now, max_workers=max(workers_now, current.settings.max_workers),
-                                   batch_size=new_batch, max_batch_delay=new_delay,
-                                   response_timeout=current.settings.response_timeout,
-                                   continuous_batching=new_continuous)
-            run_action(f"Changing batch settings of {name}", lambda step: "Now serving version " + admin.swap_settings(
-                client, process.model_store, name, wanted, on_step=step))
+        with st.form("batching_form"):
+            b1, b2, b3 = st.columns(3)
+            new_batch = b1.number_input("Batch size", 1, 64, current.settings.batch_size, key="tune_batch")
+            new_delay = b2.number_input("Max batch delay (ms)", 0, 10_000, current.settings.max_batch_delay,
+                                        key="tune_delay")
+            new_continuous = b3.checkbox("Continuous batching", current.settings.continuous_batching,
+                                         key="tune_continuous")
+            if st.form_submit_button("Apply batch settings", key="swap"):
+                workers_now = max(1, len(current.workers))
+                wanted = ModelSettings(min_workers=workers_now,
+                                       max_workers=max(workers_now, current.settings.max_workers),
+                                       batch_size=new_batch, max_batch_delay=new_delay,
+                                       response_timeout=current.settings.response_timeout,
+                                       continuous_batching=new_continuous)
+                run_action(f"Changing batch settings of {name}", lambda step: "Now serving version "
+                           + admin.swap_settings(client, process.model_store, name, wanted, on_step=step))
 
 # ---- status ----------------------------------------------------------------------------
 

@@ -119,6 +119,8 @@ class TorchServeClient:
             raise ServerUnreachable(f"TorchServe is not reachable at {url.split('/', 3)[:3][-1]}: {e.__class__.__name__}") from None
         except requests.Timeout:
             raise TorchServeError(f"TorchServe did not answer {method} {url} within {timeout or self.timeout} s") from None
+        except requests.RequestException as e:  # e.g. the connection broke while the answer was read
+            raise TorchServeError(f"{method} {url} failed: {e.__class__.__name__}: {e}") from None
         if resp.status_code >= 400:
             message, kind = _error_message(resp), _error_type(resp)
             if kind == "InvalidKeyException" or resp.status_code == 401:

@@ -1,0 +1,159 @@
+"""End to end: headless Chromium drives `streamlit run server_app.py`, which runs a real TorchServe.
+
+The tests run in order on one page: start -> register -> metrics -> scale to 2 -> keys -> stop.
+Each saves a screenshot of its view into screenshots/server_*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import requests
+from playwright.sync_api import expect, sync_playwright
+
+from chatstack.admin import ConsoleConfig
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+SCREENSHOTS = ROOT / "screenshots"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+SLOW_MS = 240_000  # TorchServe start-up and worker loading on a busy 2-core machine
+expect.set_options(timeout=60_000)  # a script run takes seconds when the machine is busy
+
+
+@pytest.fixture(scope="module")
+def console_env(session_dir, model_store):
+    store = session_dir / "browser_store"
+    store.mkdir()
+    (store / "llama.mar").symlink_to(model_store / "llama.mar")
+    return {"CHATSTACK_MODEL_STORE": str(store), "CHATSTACK_RUN_DIR": str(session_dir / "browser_run"),
+            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(5))}
+
+
+@pytest.fixture(scope="module")
+def console_url(console_env, session_dir):
+    port = free_port()
+    log = open(session_dir / "streamlit.log", "wb")
+    app = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / "server_app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env={**os.environ, **console_env}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/_stcore/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert app.poll() is None and time.monotonic() < deadline, (session_dir / "streamlit.log").read_text()
+        time.sleep(0.3)
+    yield url
+    app.terminate()
+    app.wait(timeout=30)
+    log.close()
+    ConsoleConfig.from_env(console_env).process().stop()  # whatever a failed test left running
+
+
+@pytest.fixture(scope="module")
+def page(console_url):
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.set_default_timeout(60_000)
+        page.goto(console_url)
+        expect(page.get_by_role("heading", name="TorchServe admin console")).to_be_visible()
+        yield page
+        browser.close()
+
+
+def open_tab(page, name):
+    page.get_by_role("tab", name=name).click()
+    return page.get_by_role("tabpanel", name=name)
+
+
+def expect_success(page, text, timeout=SLOW_MS):
+    """The outcome message the console shows after an action (its steps repeat the text)."""
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text(text, timeout=timeout)
+
+
+def shoot(page, name):
+    page.wait_for_timeout(500)  # let charts and tables finish drawing
+    page.screenshot(path=str(SCREENSHOTS / f"server_{name}.png"), full_page=True)
+
+
+def test_starting_from_the_page_shows_a_running_healthy_server(page):
+    panel = open_tab(page, "Server")
+    expect(panel.get_by_text("Stopped", exact=True)).to_be_visible()
+    # Registration is left to the Models view, the way a user picks settings.
+    panel.get_by_text("Register the default model").click()
+    panel.get_by_role("button", name="Start TorchServe").click()
+    expect_success(page, "TorchServe is running")
+    panel = open_tab(page, "Server")
+    expect(panel.get_by_text("Healthy", exact=True)).to_be_visible()
+    expect(panel.get_by_text("0.12.0", exact=True)).to_be_visible()
+    shoot(page, "server")
+
+
+def test_registering_the_default_model_shows_it_registered(page):
+    panel = open_tab(page, "Models")
+    expect(panel.get_by_text("No model is registered.")).to_be_visible()
+    panel.get_by_role("button", name="Register", exact=True).click()
+    expect_success(page, 'Model "llama" Version: 1.0 registered with 1 initial workers')
+    panel = open_tab(page, "Models")
+    expect(panel.get_by_text("No model is registered.")).to_have_count(0)
+    shoot(page, "models")
+
+
+def test_metrics_view_shows_generated_tokens(page, console_env):
+    client = ConsoleConfig.from_env(console_env).process().client(timeout=120)
+    for _ in range(2):
+        client.chat("llama", [{"role": "user", "content": "Tell me about bread."}], max_tokens=24)
+        time.sleep(1.5)  # the handler publishes its counters at most once a second
+    panel = open_tab(page, "Metrics")
+    expect(panel.get_by_text("Tokens generated")).to_be_visible()
+    expect(panel.get_by_text("Charts appear after the next refresh.")).to_have_count(0, timeout=30_000)
+    page.wait_for_timeout(4000)  # one more refresh, so the charts hold a few points
+    shoot(page, "metrics")
+
+
+def test_scaling_to_two_workers_shows_two_ready_workers(page):
+    panel = open_tab(page, "Tuning")
+    for label in ("Max workers", "Min workers"):
+        panel.get_by_label(label).fill("2")
+    panel.get_by_role("button", name="Scale workers").click()
+    expect_success(page, "Workers scaled to 2 for model: llama")
+    shoot(page, "tuning")
+    panel = open_tab(page, "Status")
+    expect(panel.get_by_text("2 READY of 2")).to_be_visible(timeout=SLOW_MS)  # the view refreshes itself
+    shoot(page, "status")
+
+
+def test_security_view_masks_the_inference_key(page, console_env):
+    key_file = ConsoleConfig.from_env(console_env).process().key_file
+    key = json.loads(key_file.read_text())["inference"]["key"]
+    panel = open_tab(page, "Security")
+    field = panel.get_by_label("Inference key (give this to chat clients)")
+    expect(field).to_have_value("••••••••")
+    shoot(page, "security")
+    panel.get_by_text("Show the inference key").click()
+    expect(panel.get_by_label("Inference key (give this to chat clients)")).to_have_value(key)
+    expect(page.get_by_role("tab", name="Security")).to_have_attribute("aria-selected", "true")
+
+
+def test_stopping_from_the_page_shows_the_server_stopped(page, console_env):
+    panel = open_tab(page, "Server")
+    panel.get_by_role("button", name="Stop TorchServe").click()
+    expect_success(page, "TorchServe stopped")
+    panel = open_tab(page, "Server")
+    expect(panel.get_by_text("Stopped", exact=True)).to_be_visible()
+    assert not ConsoleConfig.from_env(console_env).process().is_running()
+    shoot(page, "stopped")
