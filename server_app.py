@@ -187,8 +187,8 @@ with tuning_tab:
         st.subheader("Workers (live)")
         if current.settings.continuous_batching:
             st.warning("With continuous batching on, chats hung in our tests once a version had more than one "
-                       "worker (TorchServe 0.12 handed each request to every worker). Keep one worker per "
-                       "version, or switch continuous batching off below before scaling up.")
+                       "worker (see docs/admin-console.md). Keep one worker per version, or switch continuous "
+                       "batching off below before scaling up.")
         # Forms: the inputs rerun the page only when submitted, not at every change.
         with st.form("scale_form"):
             w1, w2 = st.columns(2)
