@@ -105,6 +105,26 @@ return_wheel() {
   ls -la "$OUT"
 }
 
+# The image's torch is a CUDA build (cu130, its own cuBLAS/cudart); TorchServe's worker imports it
+# before the handler loads llama.cpp, and llama.cpp's CUDA backend then segfaults at model load.
+# Preloading libggml-cuda.so fixes the worker but kills the JVM, so a sitecustomize re-executes
+# only TorchServe's Python workers with LD_PRELOAD. (A CPU-only torch, as requirements.txt pins,
+# does not need this.)
+worker_preload() {
+  mkdir -p "$W/preload"
+  cat > "$W/preload/sitecustomize.py" <<'PY'
+import os, sys
+_lib = os.environ.get("GPU_BENCH_WORKER_PRELOAD")
+if _lib and os.environ.get("LD_PRELOAD") != _lib:
+    with open("/proc/self/cmdline", "rb") as _f:
+        _argv = [a.decode() for a in _f.read().split(b"\0") if a]
+    if any(a.endswith("model_service_worker.py") for a in _argv):
+        os.environ["LD_PRELOAD"] = _lib
+        os.execv(sys.executable, [sys.executable] + _argv[1:])
+PY
+  export PYTHONPATH=$W/preload:$PYTHONPATH GPU_BENCH_WORKER_PRELOAD=$SITE/llama_cpp/lib/libggml-cuda.so
+}
+
 GGUF_PY=$W/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
 gguf_py() {
   [ -d "$GGUF_PY" ] || { mkdir -p "$W/src" && tar -xJf "$C/llama_cpp_python-0.3.36-trim.tar.xz" -C "$W/src" \
@@ -143,6 +163,7 @@ bench() {
 
 probe
 setup
+worker_preload
 case "$MODE" in
   build) build; tiny_check; return_wheel ;;
   bench) build; bench ;;
