@@ -74,18 +74,7 @@ def check_again() -> None:
 
 with st.sidebar:
     st.button("New chat", icon=":material/add:", on_click=open_conversation, args=(None,), width="stretch")
-    conversations = store.list()
-    for conversation in conversations:
-        st.button(conversation.title, key=f"open-{conversation.id}", on_click=open_conversation,
-                  args=(conversation.id,), width="stretch",
-                  type="primary" if conversation.id == st.session_state.conversation_id else "tertiary")
-    current = store.get(st.session_state.conversation_id) if st.session_state.conversation_id else None
-    if current:
-        with st.expander("This conversation"):
-            st.session_state.setdefault(f"title-{current.id}", current.title)
-            st.text_input("Title", key=f"title-{current.id}", on_change=rename_conversation, args=(current.id,))
-            st.button("Delete conversation", icon=":material/delete:", on_click=delete_conversation,
-                      args=(current.id,))
+    conversation_list = st.container()  # filled once the new message is in (below)
 
     with st.expander("Settings", icon=":material/tune:"):
         models = registered_models(server)
@@ -105,7 +94,9 @@ with st.sidebar:
         settings = chat.ChatSettings(**{name: st.session_state[name] for name in chat.ChatSettings().as_dict()})
     context_placeholder = st.empty()
 
-# ---- session state: health of the server, answer to write ---------------------------
+# ---- session state: open conversation, health of the server, answer to write ---------
+
+current = store.get(st.session_state.conversation_id) if st.session_state.conversation_id else None
 
 # Checked before the first message, and again after any failed call.
 if st.session_state.get("health_model") != settings.model:
@@ -166,6 +157,20 @@ if current:
     st.query_params["conversation"] = str(current.id)
 else:
     st.query_params.pop("conversation", None)
+
+# Listed after the new message is saved, so a conversation it started shows at once,
+# even when its answer is stopped (a stopped run draws nothing more).
+with conversation_list:
+    for conversation in store.list():
+        st.button(conversation.title, key=f"open-{conversation.id}", on_click=open_conversation,
+                  args=(conversation.id,), width="stretch",
+                  type="primary" if current and conversation.id == current.id else "tertiary")
+    if current:
+        with st.expander("This conversation"):
+            st.session_state.setdefault(f"title-{current.id}", current.title)
+            st.text_input("Title", key=f"title-{current.id}", on_change=rename_conversation, args=(current.id,))
+            st.button("Delete conversation", icon=":material/delete:", on_click=delete_conversation,
+                      args=(current.id,))
 
 # ---- stream the answer, then save it -----------------------------------------------
 

@@ -192,6 +192,7 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, st
     written = answer_text(page)
     page.wait_for_timeout(2000)
     assert answer_text(page) == written, "text kept coming after Stop"
+    assert conversation_titles(page) == ["Tell a long story about a dragon who learns to…"]  # listed at once
     screenshot(page, "stopped")
 
     # What was written is saved, marked as stopped, and can be regenerated.
