@@ -96,6 +96,11 @@ with st.sidebar:
 
 # ---- session state: open conversation, health of the server, answer to write ---------
 
+# A click during an answer (Stop, or anything else) starts this run while the old run
+# still streams; it stops at its next chunk and saves. Wait for that to show it.
+if (running := st.session_state.pop("running_answer", None)) is not None:
+    with st.spinner("Stopping the answer…"):
+        running.wait_until_saved(timeout=30)
 current = store.get(st.session_state.conversation_id) if st.session_state.conversation_id else None
 
 # Checked before the first message, and again after any failed call.
@@ -179,15 +184,21 @@ if st.session_state.answer_pending:
     st.session_state.last_error = None
     messages = chat.request_messages(settings.system_prompt, store.messages(current.id))
     with st.chat_message("assistant"):
+        if not prompt:
+            # The message box turns into a Stop button only for answers to a new message;
+            # a click on any widget ends the run, and this one is there to be clicked.
+            st.button("Stop", icon=":material/stop_circle:", key="stop_answer")
         waiting = st.empty()
         try:
             with chat.Answer(store, current.id, server, settings, messages,
                              on_wait=lambda why, pause: waiting.info(f"{why.message} Trying again in {pause:.0f} s…")
                              ) as answer:
+                st.session_state.running_answer = answer
                 st.write_stream(answer.stream)
         except TorchServeError as error:
             st.session_state.last_error = error.message
             st.session_state.pop("health", None)  # say what is wrong on the next run
         else:
             st.session_state.health = chat.Health(chat.READY, "The last answer came through.")
+    st.session_state.pop("running_answer", None)  # saved: nothing for the next run to wait for
     st.rerun()

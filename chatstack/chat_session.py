@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,11 +313,27 @@ class Answer:
         self.reply = Reply(model=settings.model)
         self.stream = stream_reply(server, settings, messages, self.reply, on_wait=on_wait)
         self.saved: Message | None = None
+        self._done = threading.Event()
+
+    def wait_until_saved(self, timeout: float) -> bool:
+        """Wait for the answer to end and be saved (True), at most `timeout` seconds.
+
+        Streamlit starts a new script run at once when the user clicks during an
+        answer; the interrupted run stops streaming at its next chunk and saves
+        what it has. The new run waits for that so it shows the saved answer."""
+        return self._done.wait(timeout)
 
     def __enter__(self) -> "Answer":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._save(exc_type, exc)
+        finally:
+            self._done.set()
+        return False
+
+    def _save(self, exc_type, exc) -> None:
         # Closing the stream now (not when garbage is collected) closes the HTTP
         # connection at once, so TorchServe frees the slot for other chats.
         self.stream.close()
@@ -337,7 +354,6 @@ class Answer:
                 total_tokens=reply.total_tokens, context_length=reply.context_length,
                 messages_dropped=reply.messages_dropped, tokens_per_second=reply.tokens_per_second,
                 error=reply.error)
-        return False
 
 
 def _is_script_control(exc_type: type) -> bool:

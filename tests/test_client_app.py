@@ -213,6 +213,7 @@ def test_stopping_part_way_keeps_what_was_written(server_settings, tmp_path):
             for n, _ in enumerate(answer.stream):
                 if n == 5:
                     raise StopException()
+    assert answer.wait_until_saved(timeout=0)
     saved = store.messages(conversation.id)[-1]
     assert saved.status == STOPPED and saved.content == answer.reply.text and saved.content
     assert saved.completion_tokens == 6 and not answer.reply.finished

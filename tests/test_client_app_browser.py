@@ -204,7 +204,15 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, st
     [conversation] = ConversationStore(db_path).list()
     saved = ConversationStore(db_path).messages(conversation.id)[-1]
     assert saved.status == "stopped" and saved.completion_tokens < 1000
-    expect(page.get_by_role("button", name="Regenerate")).to_be_visible()
+
+    # A regenerated answer has a Stop button of its own.
+    page.get_by_role("button", name="Regenerate").click()
+    stop = page.locator(".st-key-stop_answer button")
+    expect(stop).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(1500)  # let it write a little
+    stop.click()
+    expect(messages(page).nth(1).get_by_test_id("stCaptionContainer")).to_contain_text("stopped", timeout=30_000)
+    assert [m.status for m in ConversationStore(db_path).messages(conversation.id)] == ["complete", "stopped"]
 
 
 def test_two_browser_sessions_chatting_at_once_each_get_their_answer(browser: Browser, start_app, torchserve,
