@@ -5,6 +5,7 @@ OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
 from __future__ import annotations
 
 import json
+import time
 
 from chat_protocol import (
     ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage,
@@ -26,7 +27,8 @@ class Exchange:
         self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
         self.text: list[str] = []
         self.first = True
-        self.failed = False
+        self.failed_status: int | None = None  # HTTP status of an error after the request started
+        self.started_at = time.monotonic()
 
     @property
     def content_type(self):
@@ -39,11 +41,7 @@ class Exchange:
             return ""
         self.text.append(upd.text)
         if upd.error:
-            self.failed = True
-            err = ApiError(f"generation failed: {upd.error}", status=500, type="server_error").to_dict()
-            if not self.stream:
-                return json.dumps(err)
-            return self._frame(err) + (sse("[DONE]") if self.sse else "")
+            return self.render_error(ApiError(f"generation failed: {upd.error}", status=500, type="server_error"))
         reason = upd.finish_reason
         use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
         if not self.stream:
@@ -60,6 +58,14 @@ class Exchange:
             if self.sse:
                 frames.append(sse("[DONE]"))
         return "".join(f if isinstance(f, str) and f.startswith("data: ") else self._frame(f) for f in frames)
+
+    def render_error(self, error: ApiError) -> str:
+        """The last output of a request that failed after it started: a JSON
+        error object, or, mid-stream, an error frame the client can show."""
+        self.failed_status = error.status
+        if not self.stream:
+            return error.to_json()
+        return self._frame(error.to_dict()) + (sse("[DONE]") if self.sse else "")
 
     def _chunk(self, text, reason=None, use=None):
         extra = self.extra if reason is not None else None

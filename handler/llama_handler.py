@@ -58,6 +58,9 @@ class LlamaHandler:
         self.default_max_tokens = int(settings.get("max_tokens", 512))
         self.sampling_defaults = dict(settings.get("sampling", {}) or {})
         self.continuous = bool(yaml_config.get("continuousBatching", False))
+        # In continuous batching each handler call is short, so TorchServe's
+        # responseTimeout never fires for a long request; the handler enforces it.
+        self.request_timeout_s = float(settings.get("request_timeout_s", yaml_config.get("responseTimeout", 300)))
         logger.info("loading %s with %s (continuous batching: %s)", model_path, config, self.continuous)
         self.engine = Engine(model_path, config)
         meta = self.engine.metadata
@@ -69,6 +72,7 @@ class LlamaHandler:
             logger.warning("the GGUF has no tokenizer.chat_template; chat uses ChatML")
         self.exchanges: dict[str, Exchange] = {}
         self.reporter = MetricsReporter(getattr(context, "metrics", None), self.model_name)
+        self.finished_since_report = False
         self.initialized = True
 
     # ---- TorchServe entry point ------------------------------------------------
@@ -78,7 +82,9 @@ class LlamaHandler:
             outputs = self._continuous_step(data, context)
         else:
             outputs = self._generate_batch(data, context)
-        self.reporter.report(self.engine.stats)
+        # Report at once when a request finished, so /metrics is current when a client reads it.
+        self.reporter.report(self.engine.stats, force=self.finished_since_report)
+        self.finished_since_report = False
         return outputs
 
     def _run_engine(self) -> dict[str, Update]:
@@ -86,6 +92,7 @@ class LlamaHandler:
         for upd in updates.values():
             if upd.finished:
                 self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
+                self.finished_since_report = True
         return updates
 
     def _continuous_step(self, data, context):
@@ -109,11 +116,16 @@ class LlamaHandler:
                 continue
             ex = self.exchanges[rid]
             upd = updates.get(rid)
-            outputs[idx] = ex.render(upd)
+            if upd is not None and upd.finished or not self._timed_out(ex):
+                outputs[idx] = ex.render(upd)
+                finished[idx] = bool(upd and upd.finished)
+            else:
+                self.engine.cancel(rid)
+                outputs[idx] = ex.render_error(self._timeout_error())
+                finished[idx] = True
             context.set_response_content_type(idx, ex.content_type)
-            if ex.failed:
-                context.set_response_status(500, "generation failed", idx)
-            finished[idx] = bool(upd and upd.finished)
+            if ex.failed_status:
+                context.set_response_status(ex.failed_status, HTTPStatus(ex.failed_status).phrase, idx)
             if finished[idx]:
                 del self.exchanges[rid]
         # TorchServe 0.12 sends no HTTP headers when the first response of a
@@ -139,15 +151,18 @@ class LlamaHandler:
         while any(rid in self.exchanges for rid in running):
             updates = self._run_engine()
             partial = {}
+            for rid in [r for r in running if r in self.exchanges and r not in updates]:
+                if self._timed_out(self.exchanges[rid]):
+                    self.engine.cancel(rid)
             for rid, upd in updates.items():
                 idx = running.get(rid)
                 if idx is None:
                     continue
                 ex = self.exchanges[rid]
-                piece = ex.render(upd)
+                piece = ex.render_error(self._timeout_error()) if upd.finish_reason == "cancelled" else ex.render(upd)
                 context.set_response_content_type(idx, ex.content_type)
-                if ex.failed:
-                    context.set_response_status(500, "generation failed", idx)
+                if ex.failed_status:
+                    context.set_response_status(ex.failed_status, HTTPStatus(ex.failed_status).phrase, idx)
                 if upd.finished:
                     del self.exchanges[rid]
                 if ex.stream:
@@ -205,6 +220,13 @@ class LlamaHandler:
         context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
         context.set_response_content_type(idx, "application/json")
         return err.to_json()
+
+    def _timed_out(self, ex: Exchange) -> bool:
+        return time.monotonic() - ex.started_at > self.request_timeout_s
+
+    def _timeout_error(self) -> ApiError:
+        return ApiError(f"the request ran longer than the response timeout ({self.request_timeout_s:.0f} s) "
+                        "and was stopped", status=504, type="timeout")
 
     def _route(self, url_path) -> str:
         path = (url_path or "").strip("/")
