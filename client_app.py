@@ -35,11 +35,6 @@ def registered_models(server: chat.ServerSettings) -> list[str]:
 server = chat.ServerSettings.from_sources(secrets=streamlit_secrets())
 store = open_store(str(default_db_path()))
 
-# Which conversation is open lives in the URL, so a page reload reopens it.
-if "conversation_id" not in st.session_state:
-    opened = st.query_params.get("conversation", "")
-    st.session_state.conversation_id = int(opened) if opened.isdigit() and store.get(int(opened)) else None
-
 
 def open_conversation(conversation_id: int | None) -> None:
     st.session_state.conversation_id = conversation_id
@@ -95,6 +90,11 @@ with st.sidebar:
     context_placeholder = st.empty()
 
 # ---- session state: open conversation, health of the server, answer to write ---------
+
+# Which conversation is open lives in the URL, so a page reload reopens it.
+if "conversation_id" not in st.session_state:
+    opened = st.query_params.get("conversation", "")
+    st.session_state.conversation_id = int(opened) if opened.isdigit() and store.get(int(opened)) else None
 
 # A click during an answer (Stop, or anything else) starts this run while the old run
 # still streams; it stops at its next chunk and saves. Wait for that to show it.
