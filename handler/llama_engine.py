@@ -51,6 +51,7 @@ class EngineConfig:
     n_threads: int = 0               # 0 = all cores
     n_gpu_layers: int = 0            # layers offloaded to a GPU (0 = CPU only)
     main_gpu: int = 0                # GPU used when offloading
+    split_mode: int = 1              # 0: the whole model on main_gpu; 1: layers spread over all GPUs
     tensor_split: list[float] | None = None  # share of the model per GPU
     use_mmap: bool = True            # map weights so workers share them
     flash_attn: bool = True          # also makes batched greedy output equal to single-sequence output
@@ -202,6 +203,7 @@ class Engine:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.n_gpu_layers
         model_params.main_gpu = config.main_gpu
+        model_params.split_mode = config.split_mode
         model_params.use_mmap = config.use_mmap
         if config.tensor_split:
             self._tensor_split = (ctypes.c_float * len(config.tensor_split))(*config.tensor_split)

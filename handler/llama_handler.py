@@ -43,6 +43,8 @@ class LlamaHandler:
         n_threads = int(settings.get("n_threads", 0)) or max(1, (os.cpu_count() or 1) // n_workers)
         n_gpu_layers = int(settings.get("n_gpu_layers", 0))
         gpu_id = props.get("gpu_id")
+        # TorchServe gives each worker a GPU (gpu_id); without an explicit split, the worker uses just that one.
+        one_gpu_per_worker = bool(n_gpu_layers) and gpu_id is not None and not settings.get("tensor_split")
         config = EngineConfig(
             n_slots=int(settings.get("n_slots", 0)) or int(props.get("batch_size") or 1),
             n_ctx_per_slot=int(settings.get("n_ctx", 2048)),
@@ -50,7 +52,9 @@ class LlamaHandler:
             prefill_chunk=int(settings.get("prefill_chunk", 256)),
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
-            main_gpu=int(gpu_id) if (n_gpu_layers and gpu_id is not None) else int(settings.get("main_gpu", 0)),
+            main_gpu=int(gpu_id) if one_gpu_per_worker else int(settings.get("main_gpu", 0)),
+            # llama.cpp only honours main_gpu with split mode "none"; otherwise it spreads layers over all GPUs.
+            split_mode=0 if one_gpu_per_worker else int(settings.get("split_mode", 1)),
             tensor_split=settings.get("tensor_split"),
             flash_attn=bool(settings.get("flash_attn", True)),
         )

@@ -1,0 +1,250 @@
+"""CPU serving benchmark: TorchServe + our engine vs llama.cpp's llama-server vs one request at a time.
+
+    .venv/bin/python bench/bench_serving.py [--llama-server PATH] [--max-tokens 128] [--out bench/results]
+
+Starts TorchServe with the project's config (free ports, a temporary run folder),
+registers the default model twice — `llama` (continuous batching, 16 slots) and
+`llama_single` (batch size 1: the original example's one-request-at-a-time
+approach) — and sends N = 1, 4, 8, 16 concurrent streaming chats to each. Where a
+`llama-server` binary built from the same llama.cpp source is given, it gets the
+same load on the same GGUF with the same thread count, in the same run. It also
+measures time to first token at turn 1 and turn 10 of one conversation (prompt
+cache), and the memory of 1, 2 and 4 workers. Writes serving.md, serving.json and
+serving.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from chatstack.torchserve_client import TorchServeClient  # noqa: E402
+from chatstack.torchserve_process import TorchServeProcess  # noqa: E402
+
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONCURRENCY = (1, 4, 8, 16)
+# Same sampling everywhere: greedy, no penalties, so every server does the same work.
+SAMPLING = {"temperature": 0, "repeat_penalty": 1.0}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url, key, n, max_tokens, sse=None, extra=None, rounds=2):
+    """`rounds` requests per stream, back to back, so the figure is steady-state."""
+    spec = LoadSpec(url=url, key=key, concurrency=n, requests_per_stream=rounds, max_tokens=max_tokens,
+                    temperature=0, extra={**SAMPLING, **(extra or {})}, sse=sse)
+    results, wall = run_load(spec)
+    return summarize(results, wall)
+
+
+def conversation_ttft(chat_once, turns=10):
+    """TTFT of each turn of one growing conversation; chat_once(messages) -> (ttft, reply)."""
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer in detail."}]
+    ttfts = []
+    topics = ["the moon", "rivers", "bread", "trains", "music", "glass", "bees", "maps", "salt", "clocks"]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"Tell me three facts about {topics[i % len(topics)]}."})
+        ttft, reply = chat_once(messages)
+        ttfts.append(ttft)
+        messages.append({"role": "assistant", "content": reply})
+    return ttfts
+
+
+def streamed_chat(url, key, sse):
+    import requests
+
+    def chat_once(messages):
+        body = {"messages": messages, "max_tokens": 64, "stream": True, **SAMPLING}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        start = time.monotonic()
+        ttft, text = None, []
+        with requests.post(url, json=body, headers=headers, stream=True, timeout=600) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines(decode_unicode=True):
+                if not line:
+                    continue
+                if sse:
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    line = line[6:]
+                choices = json.loads(line).get("choices")
+                delta = choices[0]["delta"].get("content") if choices else None
+                if delta:
+                    ttft = ttft or time.monotonic() - start
+                    text.append(delta)
+        return ttft, "".join(text)
+
+    return chat_once
+
+
+def worker_memory(client: TorchServeClient, model: str) -> dict:
+    """Resident and proportional (shared pages split) memory of the model's workers, MB."""
+    rss = pss = 0
+    workers = client.describe_model(model)[0]["workers"]
+    for w in workers:
+        rollup = Path(f"/proc/{w['pid']}/smaps_rollup").read_text()
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:]}
+        rss += fields["Rss"]
+        pss += fields["Pss"]
+    return {"workers": len(workers), "rss_mb": rss / 1024, "pss_mb": pss / 1024}
+
+
+def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):
+    cmd = [binary, "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+           "-c", str(n_ctx_per_slot * slots), "-t", str(threads), "-tb", str(threads), "-fa", "on",
+           "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import requests
+
+    for _ in range(300):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server did not start")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-server", help="path to llama-server built from the same llama.cpp source")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    store = work / "store"
+    config = work / "model-config.yaml"
+    config.write_text((ROOT / "model-config.yaml").read_text()
+                      .replace("batchSize: 8 ", "batchSize: 16 ")
+                      .replace("n_threads: 0 ", f"n_threads: {args.threads} "))
+    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
+                   check=True, capture_output=True)
+    ports = {f"{k}_address": f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
+    ports.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
+    server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=ports)
+    report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
+              "gguf": GGUF.name, "torchserve": {}, "single": {}, "llama_server": {}}
+    server.start()
+    try:
+        client = server.client(timeout=600)
+        key = client.keys.inference
+        client.register("llama.mar", initial_workers=1)
+        url = endpoint(server.address("inference"), "llama")
+        load(url, key, 2, 16, rounds=1)  # warm-up
+        for n in CONCURRENCY:
+            report["torchserve"][n] = load(url, key, n, args.max_tokens)
+            print("torchserve", n, round(report["torchserve"][n]["tokens_per_s"], 1), flush=True)
+        ttfts = conversation_ttft(streamed_chat(url, key, sse=False))
+        report["torchserve_turns"] = ttfts
+        for n in (1, 2, 4):
+            client.scale("llama", n, n)
+            report.setdefault("memory", []).append(worker_memory(client, "llama"))
+        client.scale("llama", 1, 1)
+        client.register("llama.mar", model_name="llama_single", batch_size=1, initial_workers=1)
+        single = endpoint(server.address("inference"), "llama_single")
+        for n in (1, 8):
+            report["single"][n] = load(single, key, n, args.max_tokens, rounds=1)
+            print("single", n, round(report["single"][n]["tokens_per_s"], 1), flush=True)
+        client.unregister("llama_single")
+    finally:
+        server.stop()
+    if args.llama_server:
+        port = free_port()
+        proc = start_llama_server(args.llama_server, port, 16, args.threads, 2048)
+        try:
+            lurl = f"http://127.0.0.1:{port}/v1/chat/completions"
+            extra = {"stream_options": {"include_usage": True}}
+            load(lurl, None, 2, 16, sse=True, extra=extra, rounds=1)
+            for n in CONCURRENCY:
+                report["llama_server"][n] = load(lurl, None, n, args.max_tokens, sse=True, extra=extra)
+                print("llama-server", n, round(report["llama_server"][n]["tokens_per_s"], 1), flush=True)
+            report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
+        finally:
+            proc.terminate()
+            proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
+    (out / "serving.json").write_text(json.dumps(report, indent=2, default=str))
+    markdown = render(report)
+    (out / "serving.md").write_text(markdown)
+    plot(report, out / "serving.png")
+    print(markdown)
+
+
+def render(r) -> str:
+    ts, ls, single = r["torchserve"], r["llama_server"], r["single"]
+    lines = [f"Default model ({r['gguf']}), {r['machine']}, {r['threads']} llama.cpp threads, greedy, "
+             f"max_tokens {r['max_tokens']}, streaming chats, 2 requests per stream.", "",
+             "| streams | TorchServe tok/s | llama-server tok/s | ratio | TTFT p50 / p95 (s) | per-stream tok/s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for n in CONCURRENCY:
+        t = ts[n]
+        l_tps = ls.get(n, {}).get("tokens_per_s")
+        l_col, ratio = (f"{l_tps:.1f}", f"{t['tokens_per_s'] / l_tps:.2f}") if l_tps else ("–", "–")
+        lines.append(f"| {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | {t['ttft_p50_s']:.2f} / "
+                     f"{t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
+    if single:
+        lines += ["", f"One request at a time (batch size 1, the original example's approach): "
+                      f"{single[1]['tokens_per_s']:.1f} tok/s for 1 stream, {single[8]['tokens_per_s']:.1f} tok/s "
+                      f"for 8 streams; TorchServe with continuous batching at 8 streams: "
+                      f"{ts[8]['tokens_per_s'] / single[8]['tokens_per_s']:.2f}x."]
+    turns = r.get("torchserve_turns")
+    if turns:
+        lines += ["", f"Prompt cache, one conversation: TTFT turn 1 {turns[0]:.3f} s, turn 10 {turns[-1]:.3f} s "
+                      f"(ratio {turns[-1] / turns[0]:.2f})"
+                  + (f"; llama-server {r['llama_server_turns'][0]:.3f} s → {r['llama_server_turns'][-1]:.3f} s"
+                     if r.get("llama_server_turns") else "") + "."]
+    if r.get("memory"):
+        lines += ["", "| workers | RSS total (MB) | PSS total (MB, shared pages split) |", "|---:|---:|---:|"]
+        lines += [f"| {m['workers']} | {m['rss_mb']:.0f} | {m['pss_mb']:.0f} |" for m in r["memory"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -r bench/requirements.txt)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, data in (("TorchServe + engine", r["torchserve"]), ("llama-server", r["llama_server"]),
+                       ("one at a time", r["single"])):
+        if data:
+            xs = sorted(int(k) for k in data)
+            ax.plot(xs, [data[x]["tokens_per_s"] for x in xs], marker="o", label=name)
+    ax.set_xlabel("concurrent streaming chats")
+    ax.set_ylabel("tokens/s (all streams)")
+    ax.set_title("Default model on CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
