@@ -185,9 +185,13 @@ def register_archive(client: TorchServeClient, store: Path, archive: str, settin
     status = client.register(archive, initial_workers=settings.min_workers, batch_size=settings.batch_size,
                              max_batch_delay=settings.max_batch_delay, timeout=600)
     on_step(status)
-    if settings.max_workers > settings.min_workers:
-        on_step(client.scale(info.model_name, settings.min_workers, settings.max_workers,
-                             version=_version_of(client, info.model_name, archive)))
+    # minWorkers/maxWorkers in the archive's model-config.yaml win over initial_workers,
+    # so the chosen numbers are set afterwards where they differ.
+    version = _version_of(client, info.model_name, archive)
+    entry = client.describe_model(info.model_name, version)[0]
+    if (entry.get("minWorkers"), entry.get("maxWorkers")) != (settings.min_workers, settings.max_workers):
+        on_step(f"Scaling to {settings.min_workers}–{settings.max_workers} workers")
+        on_step(client.scale(info.model_name, settings.min_workers, settings.max_workers, version=version))
     return status
 
 

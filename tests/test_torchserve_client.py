@@ -137,8 +137,13 @@ def test_metrics_include_the_handler_counters(client):
 
 # ---- the model lifecycle on the module's own server ----------------------------------------------
 
-def test_registering_the_default_archive_starts_a_ready_worker(own_client):
-    assert "registered with 1 initial workers" in own_client.register("llama.mar", initial_workers=1)
+def test_registering_the_default_archive_starts_a_ready_worker(own_client, own_store):
+    # Through the console's logic: the archive says maxWorkers 1, the chosen 2 must win.
+    status = admin.register_archive(own_client, own_store, "llama.mar",
+                                    ModelSettings(min_workers=1, max_workers=2, batch_size=4, max_batch_delay=10))
+    assert "registered with 1 initial workers" in status
+    entry = own_client.describe_model("llama")[0]
+    assert (entry["minWorkers"], entry["maxWorkers"], entry["batchSize"], entry["maxBatchDelay"]) == (1, 2, 4, 10)
     assert len(ready_workers(own_client)) == 1
     assert own_client.chat("llama", HELLO, max_tokens=8)["choices"][0]["message"]["content"]
 
