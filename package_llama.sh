@@ -172,7 +172,8 @@ sed -E "s|^(  model_path:)[^#]*(#.*)?$|\1 $MODEL_PATH \2|" "$CONFIG" > "$STAGE/m
 grep -q "model_path: $MODEL_PATH" "$STAGE/model-config.yaml" || die "could not set handler.model_path in $CONFIG"
 
 mkdir -p "$STORE"
-"$ARCHIVER" --model-name "$NAME" --version "$VERSION" \
+# The archiver stages files in $TMPDIR/<name>: a private TMPDIR keeps concurrent runs apart.
+TMPDIR="$STAGE" "$ARCHIVER" --model-name "$NAME" --version "$VERSION" \
   --handler "$ROOT/handler/llama_handler.py" --extra-files "$EXTRA" \
   --config-file "$STAGE/model-config.yaml" --export-path "$STORE" --force
 echo "Wrote $STORE/$NAME.mar (model $NAME, version $VERSION, weights $( [ "$EMBED" = 1 ] && echo inside || echo "at $GGUF"))"
