@@ -161,6 +161,9 @@ class TorchServeProcess:
         metrics_config = props.get("metrics_config")
         if metrics_config and not os.path.isabs(metrics_config):
             props["metrics_config"] = str((self.base_config.parent / metrics_config).resolve())
+        # Java ignores TMPDIR; workers' unix sockets (.ts.sock.9000, ...) and unpacked archives go to
+        # java.io.tmpdir, so two servers sharing /tmp would cross their workers' sockets.
+        props["vmargs"] = f"{props.get('vmargs', '')} -Djava.io.tmpdir={self.run_dir / 'tmp'}".strip()
         write_properties(self.config_path, props)
         self.key_file.unlink(missing_ok=True)
         cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
