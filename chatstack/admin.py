@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 from chatstack.model_archive import (DEFAULT_ARCHIVE, ArchiveError, ModelSettings, ensure_default_archive,
                                      list_archives, next_version, package_variant)
@@ -407,8 +406,3 @@ def mask_key(key: str | None) -> str:
     if not key:
         return "(no key yet)"
     return "•" * 8
-
-
-def host_port(address: str) -> str:
-    url = urlparse(address)
-    return f"{url.hostname}:{url.port}"
