@@ -253,12 +253,12 @@ def test_gpu_variant_requests_a_gpu_and_its_archive_config_offloads_layers():
     gpu = load_model_config("model-config-gpu.yaml")
     assert gpu["handler"]["n_gpu_layers"] > 0
     assert gpu["handler"]["n_threads"] == int(p["model"]["resources"]["limits"]["cpu"])
-    assert p["containerConcurrency"] == gpu["batchSize"]
+    assert p["containerConcurrency"] == gpu["batchSize"] and 0 < p["scaleTarget"] < gpu["batchSize"]
 
 
 @pytest.mark.parametrize("name,changed", [
     ("model-config-cpu.yaml", {("handler", "n_threads")}),
-    ("model-config-gpu.yaml", {("handler", "n_threads"), ("handler", "n_gpu_layers")}),
+    ("model-config-gpu.yaml", {("handler", "n_threads"), ("handler", "n_gpu_layers"), ("batchSize",)}),
 ])
 def test_kserve_model_configs_differ_from_the_repo_config_only_where_documented(name, changed):
     def flat(d, prefix=()):
