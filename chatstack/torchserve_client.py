@@ -116,7 +116,13 @@ class TorchServeClient:
             resp = self.session.request(method, url, headers=headers, timeout=timeout or self.timeout,
                                         stream=stream, **kw)
         except requests.ConnectionError as e:
-            raise ServerUnreachable(f"TorchServe is not reachable at {url.split('/', 3)[:3][-1]}: {e.__class__.__name__}") from None
+            # Refused or unresolvable: nothing listens there. Anything else (the server
+            # closed the connection mid-answer) is a failed call, not a missing server.
+            if isinstance(e, requests.ConnectTimeout) or "NewConnectionError" in str(e) or "refused" in str(e):
+                raise ServerUnreachable(f"TorchServe is not reachable at {url.split('/', 3)[:3][-1]}: "
+                                        f"{e.__class__.__name__}") from None
+            raise TorchServeError(f"the connection to TorchServe broke off during {method} {url}: "
+                                  f"{e.__class__.__name__}") from None
         except requests.Timeout:
             raise TorchServeError(f"TorchServe did not answer {method} {url} within {timeout or self.timeout} s") from None
         except requests.RequestException as e:  # e.g. the connection broke while the answer was read
