@@ -106,6 +106,22 @@ def worker_memory(client: TorchServeClient, model: str) -> dict:
     return {"workers": len(workers), "rss_mb": rss / 1024, "pss_mb": pss / 1024}
 
 
+def bench_server(work: Path, config_changes: dict[str, str]) -> TorchServeProcess:
+    """A TorchServe on free ports in `work`, with the default model packed with
+    model-config.yaml edited by `config_changes` (text replacements). Not started."""
+    store = work / "store"
+    config = work / "model-config.yaml"
+    text = (ROOT / "model-config.yaml").read_text()
+    for old, new in config_changes.items():
+        text = text.replace(old, new)
+    config.write_text(text)
+    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
+                   check=True, capture_output=True)
+    ports = {f"{k}_address": f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
+    ports.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
+    return TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=ports)
+
+
 def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):
     cmd = [binary, "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
            "-c", str(n_ctx_per_slot * slots), "-t", str(threads), "-tb", str(threads), "-fa", "on",
@@ -135,16 +151,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    store = work / "store"
-    config = work / "model-config.yaml"
-    config.write_text((ROOT / "model-config.yaml").read_text()
-                      .replace("batchSize: 8 ", "batchSize: 16 ")
-                      .replace("n_threads: 0 ", f"n_threads: {args.threads} "))
-    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
-                   check=True, capture_output=True)
-    ports = {f"{k}_address": f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
-    ports.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
-    server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=ports)
+    server = bench_server(work, {"batchSize: 8 ": "batchSize: 16 ", "n_threads: 0 ": f"n_threads: {args.threads} "})
     report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
               "gguf": GGUF.name, "torchserve": {}, "single": {}, "llama_server": {}}
     server.start()

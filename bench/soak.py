@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -27,9 +26,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import free_port, worker_memory  # noqa: E402
+from bench.bench_serving import bench_server, worker_memory  # noqa: E402
 from bench.loadgen import percentile  # noqa: E402
-from chatstack.torchserve_process import TorchServeProcess  # noqa: E402
 
 QUESTIONS = ["What should I cook tonight?", "Tell me about the ocean.", "Why is the sky blue?",
              "Give me a tip for learning piano.", "What is a good name for a cat?", "Explain gravity briefly.",
@@ -83,17 +81,7 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="soak-"))
-    store = work / "store"
-    config = work / "model-config.yaml"
-    config.write_text((ROOT / "model-config.yaml").read_text().replace("batchSize: 8 ", f"batchSize: {args.users} "))
-    import subprocess
-
-    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
-                   check=True, capture_output=True)
-    ports = {f"{k}_address": f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
-    ports.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
-    server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=ports)
+    server = bench_server(Path(tempfile.mkdtemp(prefix="soak-")), {"batchSize: 8 ": f"batchSize: {args.users} "})
     server.start()
     try:
         client = server.client(timeout=600)
