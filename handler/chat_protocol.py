@@ -66,9 +66,14 @@ class ChatMessage(BaseModel):
     def _no_control_chars(cls, v):
         return _check_text(v if isinstance(v, str) else "".join(p.text for p in v), "message content")
 
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
     def as_template_dict(self) -> dict:
+        # Chat templates concatenate content as a string; "developer" is OpenAI's new name for system.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content}
+        return {"role": role, "content": self.text}
 
 
 class SamplingFields(BaseModel):
