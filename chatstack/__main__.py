@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", default=os.environ.get("CHATSTACK_RUN_DIR", str(ROOT / ".run")))
     parser.add_argument("--management", action="store_true", help="with key: print the management key")
     parser.add_argument("--no-model", action="store_true", help="start without registering the default model")
-    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     server = TorchServeProcess(args.config, args.model_store, args.run_dir)
     try:
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
             print(f"TorchServe is up (pid {server.pid()}): inference {server.address('inference')}, "
                   f"management {server.address('management')}, metrics {server.address('metrics')}")
             if archive:
-                print(server.client().register(archive, initial_workers=args.workers, timeout=600))
+                print(server.client().register(archive, timeout=600))
             print(f"Keys: {server.key_file}")
         elif args.command == "stop":
             print("stopped" if server.stop() else "TorchServe was not running")
