@@ -96,7 +96,7 @@ in_image() { "${BUILDAH[@]}" run --isolation chroot --network host "$@"; }
 if in_image "$CTR" -- sh -c 'command -v gcc || command -v cc || command -v cmake || command -v make'; then
   echo "FAIL: a compiler or build tool is in the final image" >&2; exit 1
 fi
-in_image "$CTR" -- java -version 2>&1 | head -1 >&2
+in_image "$CTR" -- java -version 2>&1 | sed -n 1p >&2   # sed reads it all: no SIGPIPE under pipefail
 in_image "$CTR" -- python -c "import llama_cpp, ts, torch; print('llama-cpp-python', llama_cpp.__version__, 'torch', torch.__version__)" >&2
 
 # ---- the KServe layout, served from the image ---------------------------------------------------
