@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 ROUTES = {"": "auto", "v1/chat/completions": "chat", "v1/completions": "completion", "v1/models": "models"}
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (in a
+    container os.cpu_count() is the node's core count, not the pod's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 class LlamaHandler:
     def __init__(self):
         self.initialized = False
@@ -40,7 +53,7 @@ class LlamaHandler:
         if not os.path.isabs(model_path):
             model_path = os.path.join(props["model_dir"], model_path)
         n_workers = max(int(yaml_config.get("minWorkers", 1) or 1), 1)
-        n_threads = int(settings.get("n_threads", 0)) or max(1, (os.cpu_count() or 1) // n_workers)
+        n_threads = int(settings.get("n_threads", 0)) or max(1, available_cpus() // n_workers)
         n_gpu_layers = int(settings.get("n_gpu_layers", 0))
         gpu_id = props.get("gpu_id")
         # TorchServe gives each worker a GPU (gpu_id); without an explicit split, the worker uses just that one.
