@@ -457,7 +457,15 @@ class Engine:
     def _finish(self, slot: _Slot, updates, reason: str, text: str = "", error: str | None = None):
         active = slot.active
         slot.active = None
-        # The pending sampled token was never decoded, so it is not in the cache.
+        # Keep only the prompt's KV for reuse. The answer's KV was computed one token
+        # per decode and differs in its last bits from the same tokens prefilled in a
+        # batch, which can flip a greedy choice: the next turn re-reads the answer, so
+        # an answer depends on the conversation's text alone, whichever slot or
+        # replica serves it.
+        n_prompt = len(active.request.prompt_tokens)
+        if len(slot.cached) > n_prompt:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, n_prompt, -1)
+            del slot.cached[n_prompt:]
         self._retire(active, updates, reason, text=text, error=error)
 
     def _retire(self, active: _Active, updates, reason, text: str = "", error: str | None = None):

@@ -288,10 +288,6 @@ def test_replicas_from_one_layout_give_the_same_answer_to_every_turn(replicas):
     assert requests_served(first) >= len(TURNS) and requests_served(second) >= len(TURNS)
 
 
-@pytest.mark.xfail(reason="the engine reuses a slot's cached KV, and KV of generated tokens (one-token decode "
-                          "steps) differs in the last bits from the same tokens prefilled in a batch on a replica "
-                          "without that cache, which can flip a greedy choice (deploy/README.md, Replicas)",
-                   strict=False)
 def test_one_conversation_alternating_between_two_replicas_matches_a_single_server(replicas):
     a, b = (server.client() for server in replicas)
     alternating = converse([a, b, a])
