@@ -120,10 +120,6 @@ class EngineStats:
     def slots_free(self) -> int:
         return self.slots_total - self.slots_active
 
-    @property
-    def mean_sequences_per_decode(self) -> float:
-        return self.sequences_decoded / self.decode_calls if self.decode_calls else 0.0
-
 
 class StopStringMatcher:
     """Holds back text that may be the start of a stop string, so a stop
@@ -258,9 +254,6 @@ class Engine:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
-    def token_text(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", errors="replace")
-
     @property
     def bos_text(self) -> str:
         tok = llama_cpp.llama_vocab_bos(self.vocab)
@@ -293,9 +286,6 @@ class Engine:
 
     def is_busy(self) -> bool:
         return bool(self.by_id)
-
-    def active_ids(self) -> list[str]:
-        return list(self.by_id)
 
     # ---- the loop --------------------------------------------------------------
 
