@@ -95,6 +95,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int | None, Field(ge=0, le=100_000)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     repeat_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
+    ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks, tests)
 
     @field_validator("stop")
     @classmethod

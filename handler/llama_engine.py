@@ -76,6 +76,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False         # end-of-generation tokens do not end the request
 
 
 @dataclass
@@ -407,7 +408,7 @@ class Engine:
         if active.first_token_at is None:
             active.first_token_at = now
             self.stats.last_time_to_first_token = now - active.submitted_at
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not active.request.ignore_eos:
             # Bytes of an unfinished character are dropped, never sent as U+FFFD.
             self._finish(slot, updates, FINISH_STOP, text=active.stops.flush())
             return

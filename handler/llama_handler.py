@@ -223,7 +223,8 @@ class LlamaHandler:
                     raise PromptTooLong(len(tokens), n_fit)
             self.engine.submit(rid, GenerationRequest(
                 prompt_tokens=tokens, max_tokens=max_tokens,
-                sampling=sampling_params(request, self.sampling_defaults), stop=request.stop_list))
+                sampling=sampling_params(request, self.sampling_defaults), stop=request.stop_list,
+                ignore_eos=request.ignore_eos))
             self.exchanges[rid] = Exchange(rid, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
             return None
         except (ContextOverflow, PromptTooLong) as e:

@@ -184,3 +184,9 @@ def test_single_message_too_long_for_the_context_is_refused(prompter):
 
     with pytest.raises(ContextOverflow, match="at most 100 fit"):
         prompter.fit([{"role": "user", "content": "word " * 500}], n_fit=100)
+
+
+def test_ignore_eos_keeps_generating_to_max_tokens(engine, prompter):
+    out, _ = run_all(engine, {"i": GenerationRequest(chat_tokens(prompter, "What is 2+2?"), 40, GREEDY,
+                                                     ignore_eos=True)})
+    assert out["i"][1].finish_reason == FINISH_LENGTH and out["i"][1].completion_tokens == 40

@@ -121,7 +121,8 @@ def test_request_past_the_response_timeout_ends_with_a_clear_error(fault_server,
     client = fault_server.client(timeout=300)
     client.register("impatient.mar", initial_workers=1)
     try:
-        body = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 1500, "temperature": 0, "stream": True}
+        body = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 1500, "temperature": 0, "stream": True,
+                "ignore_eos": True}
         started = time.monotonic()
         resp = requests.post(url(fault_server, "impatient"), json=body, headers=auth(fault_server), stream=True,
                              timeout=120)
