@@ -133,7 +133,7 @@ class LlamaHandler:
                 continue
             ex = self.exchanges[rid]
             upd = updates.get(rid)
-            if upd is not None and upd.finished or not self._timed_out(ex):
+            if (upd is not None and upd.finished) or not self._timed_out(ex):
                 outputs[idx] = ex.render(upd)
                 finished[idx] = bool(upd and upd.finished)
             else:
