@@ -44,8 +44,8 @@ def main() -> int:
     try:
         url = endpoint(server.url("inference"), "llama")
         run_load(LoadSpec(url=url, concurrency=1, max_tokens=8, temperature=0))  # warm-up
-        print(f"| chats in flight | aggregate tok/s | per-chat tok/s (p50) | TTFT p50 / p95 (s) |")
-        print(f"|---|---|---|---|")
+        print("| chats in flight | aggregate tok/s | per-chat tok/s (p50) | TTFT p50 / p95 (s) |")
+        print("|---|---|---|---|")
         for c in args.concurrency:
             results, wall = run_load(LoadSpec(url=url, concurrency=c, max_tokens=args.max_tokens, temperature=0))
             s = summarize(results, wall)
