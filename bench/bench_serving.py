@@ -30,20 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import LoadSpec, endpoint, run_load, summarize  # noqa: E402
 from chatstack.torchserve_client import TorchServeClient  # noqa: E402
-from chatstack.torchserve_process import TorchServeProcess  # noqa: E402
+from chatstack.torchserve_process import TorchServeProcess, free_port, free_port_overrides  # noqa: E402
 
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONCURRENCY = (1, 4, 8, 16)
 # Same sampling everywhere: greedy, no penalties, so every server does the same work.
 SAMPLING = {"temperature": 0, "repeat_penalty": 1.0}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url, key, n, max_tokens, sse=None, extra=None, rounds=2):
@@ -117,9 +109,7 @@ def bench_server(work: Path, config_changes: dict[str, str]) -> TorchServeProces
     config.write_text(text)
     subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
                    check=True, capture_output=True)
-    ports = {f"{k}_address": f"http://127.0.0.1:{free_port()}" for k in ("inference", "management", "metrics")}
-    ports.update(grpc_inference_port=str(free_port()), grpc_management_port=str(free_port()))
-    return TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=ports)
+    return TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=free_port_overrides())
 
 
 def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):

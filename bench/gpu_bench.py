@@ -109,9 +109,7 @@ def served_config(base: Path, dest: Path, settings: dict[str, object], top: dict
 def served_bench(gguf: str, streams: list[int], max_tokens: int, n_slots: int, n_ctx: int, n_gpu_layers: int,
                  n_batch: int, flash_attn: bool, step_budget_ms: float, work: Path, name: str,
                  route: str = "bare") -> dict[int, dict]:
-    from chatstack.torchserve_process import TorchServeProcess
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import free_port_overrides
+    from chatstack.torchserve_process import TorchServeProcess, free_port_overrides
 
     store = work / "model_store"
     store.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,21 @@ def write_properties(path: Path, props: dict[str, str]) -> None:
     Path(path).write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_overrides() -> dict[str, str]:
+    """Config overrides putting every listener on a free loopback port, gRPC included
+    (TorchServe always opens its two gRPC ports, so two servers on defaults collide)."""
+    overrides = {f"{kind}_address": f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
+    overrides["grpc_inference_port"] = str(free_port())
+    overrides["grpc_management_port"] = str(free_port())
+    return overrides
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import subprocess
 import sys
@@ -15,24 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "handler"))  # the handler's modules sit flat in a .mar
 
-from chatstack.torchserve_process import TorchServeProcess  # noqa: E402
+from chatstack.torchserve_process import TorchServeProcess, free_port, free_port_overrides  # noqa: E402,F401
 
 DEFAULT_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_overrides() -> dict[str, str]:
-    """Addresses on free ports for every listener, gRPC included (TorchServe always
-    opens its two gRPC ports, so two servers on default gRPC ports collide)."""
-    overrides = {f"{kind}_address": f"http://127.0.0.1:{free_port()}" for kind in ("inference", "management", "metrics")}
-    overrides["grpc_inference_port"] = str(free_port())
-    overrides["grpc_management_port"] = str(free_port())
-    return overrides
 
 
 def package(*args, store: Path, check=True, **kw) -> subprocess.CompletedProcess:
