@@ -67,8 +67,10 @@ def port_in_use(host: str, port: int) -> bool:
 
 class TorchServeProcess:
     def __init__(self, config: str | Path = ROOT / "config.properties", model_store: str | Path = ROOT / "model_store",
-                 run_dir: str | Path = ROOT / ".run", overrides: dict[str, str] | None = None):
+                 run_dir: str | Path = ROOT / ".run", overrides: dict[str, str] | None = None,
+                 log_config: str | Path | None = ROOT / "log4j2.xml"):
         self.base_config = Path(config)
+        self.log_config = Path(log_config).resolve() if log_config else None
         self.model_store = Path(model_store).resolve()
         self.run_dir = Path(run_dir).resolve()
         self.overrides = dict(overrides or {})
@@ -183,6 +185,8 @@ class TorchServeProcess:
         self.key_file.unlink(missing_ok=True)
         cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store)]
+        if self.log_config:
+            cmd += ["--log-config", str(self.log_config)]
         if models:
             cmd += ["--models", models]
         env = {**os.environ, "TMPDIR": str(self.run_dir / "tmp"), "LOG_LOCATION": str(self.log_dir),

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 # The pinned llama-cpp-python's thin owners of the native model/context/batch
 # objects: they free native memory in the right order, which we'd otherwise
 # re-implement by hand.
@@ -55,6 +56,7 @@ class EngineConfig:
     tensor_split: list[float] | None = None  # share of the model per GPU
     use_mmap: bool = True            # map weights so workers share them
     flash_attn: bool = True          # also makes batched greedy output equal to single-sequence output
+    cache_answers: bool = True       # keep an answer's KV for the next turn (see Engine._finish)
 
 
 @dataclass
@@ -68,6 +70,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with no penalties: the token is the argmax of the logits, nothing else."""
+        return (self.temperature <= 0 and self.repeat_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty)
 
 
 @dataclass
@@ -93,9 +101,11 @@ class Update:
     completion_tokens: int = 0
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
+    first_token: bool = False        # this update holds the request's first generated token
 
     def merge(self, later: "Update") -> "Update":
         later.text = self.text + later.text
+        later.first_token = self.first_token or later.first_token
         if later.time_to_first_token is None:
             later.time_to_first_token = self.time_to_first_token
         return later
@@ -168,7 +178,10 @@ class _Active:
         self.n_cached = 0
         self.n_generated = 0
         self.next_token: int | None = None   # sampled, not yet decoded
-        self.sampler = engine._make_sampler(request.sampling)
+        # Plain greedy needs no llama.cpp sampler: an argmax over the logits is the same
+        # choice (first maximum) without copying the vocabulary into a candidate array,
+        # which costs more than the decode itself for many sequences on a GPU.
+        self.sampler = None if request.sampling.is_plain_greedy else engine._make_sampler(request.sampling)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopStringMatcher(request.stop)
 
@@ -292,13 +305,14 @@ class Engine:
 
     def run(self, budget_s: float = 0.0) -> dict[str, Update]:
         """Step at least once, then keep stepping while the time budget lasts and
-        nothing finished, merging the updates of each request."""
+        nothing finished or got its first token (so neither the end of an answer nor
+        the time to first token waits for the budget), merging the updates of each request."""
         deadline = time.monotonic() + budget_s
         merged: dict[str, Update] = {}
         while True:
             for rid, upd in self.step().items():
                 merged[rid] = merged[rid].merge(upd) if rid in merged else upd
-            if not self.by_id or any(u.finished for u in merged.values()):
+            if not self.by_id or any(u.finished or u.first_token for u in merged.values()):
                 return merged
             if time.monotonic() >= deadline:
                 return merged
@@ -403,9 +417,14 @@ class Engine:
 
     def _sample(self, slot: _Slot, logits_index: int, updates):
         active = slot.active
-        token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        if active.sampler is None:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
+            token = int(logits.argmax())
+        else:
+            token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
         now = time.monotonic()
-        if active.first_token_at is None:
+        first = active.first_token_at is None
+        if first:
             active.first_token_at = now
             self.stats.last_time_to_first_token = now - active.submitted_at
         if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not active.request.ignore_eos:
@@ -424,7 +443,7 @@ class Engine:
             self._finish(slot, updates, FINISH_LENGTH, text=text)
             return
         active.next_token = token
-        updates[active.id] = self._update(active, text)
+        updates[active.id] = self._update(active, text, first_token=first)
 
     def _update(self, active: _Active, text: str, **kw) -> Update:
         ttft = None
@@ -448,13 +467,14 @@ class Engine:
     def _finish(self, slot: _Slot, updates, reason: str, text: str = "", error: str | None = None):
         active = slot.active
         slot.active = None
-        # Keep only the prompt's KV for reuse. The answer's KV was computed one token
-        # per decode and differs in its last bits from the same tokens prefilled in a
-        # batch, which can flip a greedy choice: the next turn re-reads the answer, so
-        # an answer depends on the conversation's text alone, whichever slot or
-        # replica serves it.
+        # With cache_answers the next turn of the conversation reads only its new
+        # message, as llama-server does. Without it the slot keeps only the prompt's
+        # KV: the answer's KV was computed one token per decode and differs in its
+        # last bits from the same tokens prefilled in a batch, which can flip a greedy
+        # choice, so re-reading the answer makes it depend on the conversation's text
+        # alone, whichever slot or replica serves the next turn.
         n_prompt = len(active.request.prompt_tokens)
-        if len(slot.cached) > n_prompt:
+        if not self.config.cache_answers and len(slot.cached) > n_prompt:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, n_prompt, -1)
             del slot.cached[n_prompt:]
         self._retire(active, updates, reason, text=text, error=error)

@@ -70,6 +70,7 @@ class LlamaHandler:
             split_mode=0 if one_gpu_per_worker else int(settings.get("split_mode", 1)),
             tensor_split=settings.get("tensor_split"),
             flash_attn=bool(settings.get("flash_attn", True)),
+            cache_answers=bool(settings.get("cache_answers", True)),
         )
         self.step_budget_s = float(settings.get("step_budget_ms", 25)) / 1000.0
         self.default_max_tokens = int(settings.get("max_tokens", 512))

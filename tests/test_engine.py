@@ -97,6 +97,48 @@ def test_second_turn_reuses_the_first_turns_cached_prefix(engine, prompter):
     assert reused >= len(prompter.tokens(turn1)), "turn 2 must not re-read turn 1"
 
 
+def test_second_turn_reads_only_its_new_message_when_answers_are_cached(engine, prompter):
+    turn1 = [{"role": "user", "content": "My name is Grace. Remember it."}]
+    out, _ = run_all(engine, {"t1": GenerationRequest(prompter.tokens(turn1), 24, GREEDY)})
+    answer, final = out["t1"]
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "What is my name?"}]
+    out, _ = run_all(engine, {"t2": GenerationRequest(prompter.tokens(turn2), 8, GREEDY)})
+    # all of turn 1's prompt and (but for the last sampled token, never decoded) its answer
+    assert out["t2"][1].cached_tokens >= len(prompter.tokens(turn1)) + final.completion_tokens - 2
+
+
+def test_without_cache_answers_a_slot_keeps_only_the_prompt(default_gguf, prompter):
+    eng = Engine(str(default_gguf), EngineConfig(n_slots=2, n_ctx_per_slot=512, n_threads=2, cache_answers=False))
+    try:
+        turn1 = [{"role": "user", "content": "My name is Grace. Remember it."}]
+        out, _ = run_all(eng, {"t1": GenerationRequest(prompter.tokens(turn1), 24, GREEDY)})
+        turn2 = turn1 + [{"role": "assistant", "content": out["t1"][0]}, {"role": "user", "content": "My name?"}]
+        out, _ = run_all(eng, {"t2": GenerationRequest(prompter.tokens(turn2), 8, GREEDY)})
+        assert out["t2"][1].cached_tokens == len(prompter.tokens(turn1))
+    finally:
+        eng.close()
+
+
+def test_greedy_argmax_picks_the_tokens_llama_cpps_greedy_sampler_picks(engine, prompter, monkeypatch):
+    prompt = chat_tokens(prompter, "Describe a rainy day in a small town.")
+    forget_cache(engine)
+    fast, _ = run_all(engine, {"fast": GenerationRequest(prompt, 40, GREEDY)})
+    monkeypatch.setattr(SamplingParams, "is_plain_greedy", property(lambda self: False))
+    forget_cache(engine)
+    chain, _ = run_all(engine, {"chain": GenerationRequest(prompt, 40, GREEDY)})
+    assert fast["fast"][0] == chain["chain"][0] and fast["fast"][1].completion_tokens == 40
+
+
+def test_run_returns_when_a_request_gets_its_first_token_however_large_the_budget(engine, prompter):
+    engine.submit("first", GenerationRequest(chat_tokens(prompter, "Tell me a long story."), 100, GREEDY))
+    updates = engine.run(budget_s=60)
+    assert updates["first"].first_token and updates["first"].completion_tokens == 1
+    more = engine.run(budget_s=1.0)   # later calls keep stepping within the budget
+    assert more["first"].completion_tokens > 2
+    engine.cancel("first")
+    engine.step()
+
+
 def test_cancelled_request_frees_its_slot_at_the_next_step(engine, prompter):
     engine.submit("gone", GenerationRequest(chat_tokens(prompter, "Tell me a very long story."), 500, GREEDY))
     for _ in range(3):
