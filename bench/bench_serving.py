@@ -7,7 +7,11 @@ registers the default model twice — `llama` (continuous batching, 16 slots) an
 `llama_single` (batch size 1: the original example's one-request-at-a-time
 approach) — and sends N = 1, 4, 8, 16 concurrent streaming chats to each. Where a
 `llama-server` binary built from the same llama.cpp source is given, it gets the
-same load on the same GGUF with the same thread count, in the same run. It also
+same load on the same GGUF with the same thread count, in the same run: both
+servers are up together and take turns, REPEATS times per N; the table shows the
+median run of each and the median of the per-turn ratios (a small shared
+machine's speed drifts by 10% from minute to minute; comparing runs made next to
+each other keeps that drift out of the ratio). It also
 measures time to first token at turn 1 and turn 10 of one conversation (prompt
 cache), and the memory of 1, 2 and 4 workers. Writes serving.md, serving.json and
 serving.png into --out.
@@ -34,6 +38,7 @@ from chatstack.torchserve_process import TorchServeProcess, free_port, free_port
 
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONCURRENCY = (1, 4, 8, 16)
+REPEATS = 3
 # Same sampling everywhere: greedy, no penalties, so every server does the same work.
 SAMPLING = {"temperature": 0, "repeat_penalty": 1.0}
 
@@ -130,20 +135,37 @@ def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):
     raise RuntimeError("llama-server did not start")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, with every run's figure attached."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-server", help="path to llama-server built from the same llama.cpp source")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--render", metavar="SERVING_JSON", help="only rewrite the table and plot from a saved run")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text(), object_hook=_int_keys)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "serving.md").write_text(render(report))
+        plot(report, Path(args.out) / "serving.png")
+        print(render(report))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     server = bench_server(work, {"batchSize: 8 ": "batchSize: 16 ", "n_threads: 0 ": f"n_threads: {args.threads} "})
     report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
-              "gguf": GGUF.name, "torchserve": {}, "single": {}, "llama_server": {}}
+              "gguf": GGUF.name, "repeats": args.repeats, "torchserve": {}, "single": {}, "llama_server": {}}
+    llama_server = lurl = None
+    lextra = {"stream_options": {"include_usage": True}}
     server.start()
     try:
         client = server.client(timeout=600)
@@ -151,11 +173,28 @@ def main(argv=None):
         client.register("llama.mar", initial_workers=1)
         url = endpoint(server.address("inference"), "llama")
         load(url, key, 2, 16, rounds=1)  # warm-up
+        if args.llama_server:
+            port = free_port()
+            llama_server = start_llama_server(args.llama_server, port, 16, args.threads, 2048)
+            lurl = f"http://127.0.0.1:{port}/v1/chat/completions"
+            load(lurl, None, 2, 16, sse=True, extra=lextra, rounds=1)
         for n in CONCURRENCY:
-            report["torchserve"][n] = load(url, key, n, args.max_tokens)
-            print("torchserve", n, round(report["torchserve"][n]["tokens_per_s"], 1), flush=True)
-        ttfts = conversation_ttft(streamed_chat(url, key, sse=False))
-        report["torchserve_turns"] = ttfts
+            ts_runs, ls_runs = [], []
+            for _ in range(args.repeats):
+                ts_runs.append(load(url, key, n, args.max_tokens))
+                if lurl:
+                    ls_runs.append(load(lurl, None, n, args.max_tokens, sse=True, extra=lextra))
+            report["torchserve"][n] = median_run(ts_runs)
+            print("torchserve", n, [round(r["tokens_per_s"], 1) for r in ts_runs], flush=True)
+            if ls_runs:
+                report["llama_server"][n] = median_run(ls_runs)
+                print("llama-server", n, [round(r["tokens_per_s"], 1) for r in ls_runs], flush=True)
+        report["torchserve_turns"] = conversation_ttft(streamed_chat(url, key, sse=False))
+        if lurl:
+            report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
+            llama_server.terminate()
+            llama_server.wait()
+            llama_server = None
         for n in (1, 2, 4):
             client.scale("llama", n, n)
             report.setdefault("memory", []).append(worker_memory(client, "llama"))
@@ -167,21 +206,10 @@ def main(argv=None):
             print("single", n, round(report["single"][n]["tokens_per_s"], 1), flush=True)
         client.unregister("llama_single")
     finally:
+        if llama_server:
+            llama_server.terminate()
+            llama_server.wait()
         server.stop()
-    if args.llama_server:
-        port = free_port()
-        proc = start_llama_server(args.llama_server, port, 16, args.threads, 2048)
-        try:
-            lurl = f"http://127.0.0.1:{port}/v1/chat/completions"
-            extra = {"stream_options": {"include_usage": True}}
-            load(lurl, None, 2, 16, sse=True, extra=extra, rounds=1)
-            for n in CONCURRENCY:
-                report["llama_server"][n] = load(lurl, None, n, args.max_tokens, sse=True, extra=extra)
-                print("llama-server", n, round(report["llama_server"][n]["tokens_per_s"], 1), flush=True)
-            report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
-        finally:
-            proc.terminate()
-            proc.wait()
     shutil.rmtree(work, ignore_errors=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2, default=str))
     markdown = render(report)
@@ -190,16 +218,29 @@ def main(argv=None):
     print(markdown)
 
 
+def _int_keys(d: dict) -> dict:
+    return {int(k) if k.isdigit() else k: v for k, v in d.items()}
+
+
+def turn_ratio(ts: dict, ls: dict) -> float:
+    """Median over turns of TorchServe / llama-server tokens/s, runs made next to each other."""
+    ratios = sorted(a / b for a, b in zip(ts.get("runs_tokens_per_s", [ts["tokens_per_s"]]),
+                                           ls.get("runs_tokens_per_s", [ls["tokens_per_s"]])))
+    return ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2
+
+
 def render(r) -> str:
     ts, ls, single = r["torchserve"], r["llama_server"], r["single"]
     lines = [f"Default model ({r['gguf']}), {r['machine']}, {r['threads']} llama.cpp threads, greedy, "
-             f"max_tokens {r['max_tokens']}, streaming chats, 2 requests per stream.", "",
+             f"max_tokens {r['max_tokens']}, streaming chats, 2 requests per stream; "
+             f"median of {r.get('repeats', 1)} runs, the two servers taking turns; ratio = median of "
+             f"the per-turn ratios.", "",
              "| streams | TorchServe tok/s | llama-server tok/s | ratio | TTFT p50 / p95 (s) | per-stream tok/s |",
              "|---:|---:|---:|---:|---:|---:|"]
     for n in CONCURRENCY:
         t = ts[n]
         l_tps = ls.get(n, {}).get("tokens_per_s")
-        l_col, ratio = (f"{l_tps:.1f}", f"{t['tokens_per_s'] / l_tps:.2f}") if l_tps else ("–", "–")
+        l_col, ratio = (f"{l_tps:.1f}", f"{turn_ratio(t, ls[n]):.2f}") if l_tps else ("–", "–")
         lines.append(f"| {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | {t['ttft_p50_s']:.2f} / "
                      f"{t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
     if single:

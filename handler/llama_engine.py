@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -206,9 +207,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5   # ggml_log_level (ggml.h)
+_log_state = {"shown": False}
+
+
+@llama_cpp.llama_log_callback
+def _quiet_llama_log(level, text, user_data):
+    """llama.cpp logs every detail by default (on CUDA a line per decode step); an
+    operator needs its warnings and errors, which go to stderr (TorchServe's model_log)."""
+    shown = _log_state["shown"] if level == _LOG_CONT else level in (_LOG_WARN, _LOG_ERROR)
+    _log_state["shown"] = shown
+    if shown:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
 class Engine:
     def __init__(self, model_path: str, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        llama_cpp.llama_log_set(_quiet_llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.n_gpu_layers

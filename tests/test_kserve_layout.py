@@ -59,7 +59,8 @@ class PodServer:
         home, tmp = run_dir / "home", run_dir / "tmp"
         home.mkdir()
         tmp.mkdir()
-        self.paths = {MOUNT: str(mnt), c["workingDir"]: str(home), "/tmp": str(tmp)}
+        # /opt/llama-chat holds the repo's handler and configs in the image (deploy/Containerfile)
+        self.paths = {MOUNT: str(mnt), c["workingDir"]: str(home), "/tmp": str(tmp), "/opt/llama-chat": str(ROOT)}
         # the layout's config, its /mnt/models paths as mounted, its ports made free
         text = (layout / "config" / "config.properties").read_text().replace(MOUNT + "/", str(mnt) + "/")
         for key in ("inference_address", "management_address", "metrics_address"):

@@ -38,3 +38,24 @@ def test_metrics_appear_with_plausible_values_after_a_few_chats(torchserve):
     ttft = samples(text, "llama_time_to_first_token_ms")
     assert ttft and 0 < value(ttft[0]) < 120_000
     assert samples(text, "llama_tokens_per_second")
+
+
+def test_logs_hold_no_line_per_decode_step(torchserve):
+    """A 60-token stream is dozens of handler calls: none of them may add a log line (on a small
+    machine the frontend's logging takes CPU from llama.cpp), and llama.cpp's model-loading
+    chatter stays out of the model log, while the frontend still logs the request."""
+    client = torchserve.client(timeout=120)
+    logs = torchserve.log_dir
+    before = {name: (logs / name).read_text().count("\n") for name in ("ts_log.log", "model_log.log")}
+    chunks = list(client.chat_stream("llama", [{"role": "user", "content": "Count to forty."}],
+                                     max_tokens=60, temperature=0, ignore_eos=True))
+    assert len(chunks) > 3   # several handler calls
+    ts_log = (logs / "ts_log.log").read_text()
+    model_log = (logs / "model_log.log").read_text()
+    added = {"ts_log.log": ts_log.count("\n") - before["ts_log.log"],
+             "model_log.log": model_log.count("\n") - before["model_log.log"]}
+    assert added["ts_log.log"] < 5 and added["model_log.log"] < 5, added
+    for per_step in ("Backend received inference", "Backend response time", "Waiting time ns"):
+        assert per_step not in ts_log + model_log
+    assert "llama_model_loader: - kv" not in model_log and "llama_graph_n_input_tensors" not in model_log
+    assert "/predictions/llama" in (logs / "access_log.log").read_text()
