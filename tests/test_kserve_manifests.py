@@ -257,8 +257,9 @@ def test_gpu_variant_requests_a_gpu_and_its_archive_config_offloads_layers():
 
 
 @pytest.mark.parametrize("name,changed", [
-    ("model-config-cpu.yaml", {("handler", "n_threads")}),
-    ("model-config-gpu.yaml", {("handler", "n_threads"), ("handler", "n_gpu_layers"), ("batchSize",)}),
+    ("model-config-cpu.yaml", {("handler", "n_threads"), ("handler", "cache_answers")}),
+    ("model-config-gpu.yaml", {("handler", "n_threads"), ("handler", "n_gpu_layers"), ("batchSize",),
+                               ("handler", "step_budget_ms"), ("handler", "cache_answers")}),
 ])
 def test_kserve_model_configs_differ_from_the_repo_config_only_where_documented(name, changed):
     def flat(d, prefix=()):
