@@ -72,7 +72,7 @@ class LlamaHandler:
             flash_attn=bool(settings.get("flash_attn", True)),
             cache_answers=bool(settings.get("cache_answers", True)),
         )
-        self.step_budget_s = float(settings.get("step_budget_ms", 25)) / 1000.0
+        self.step_budget_s = float(settings.get("step_budget_ms", 50)) / 1000.0
         self.default_max_tokens = int(settings.get("max_tokens", 512))
         self.sampling_defaults = dict(settings.get("sampling", {}) or {})
         self.continuous = bool(yaml_config.get("continuousBatching", False))
