@@ -106,6 +106,17 @@ def answer_text(page: Page, index: int = -1) -> str:
     return message.get_by_test_id("stMarkdownContainer").first.inner_text()
 
 
+def answer_settles_to(page: Page, expected: str, timeout_s: float = 30) -> str:
+    """The last answer once Streamlit's re-render has drawn it: right after a click the page may
+    still show the previous conversation's elements for a moment."""
+    deadline = time.monotonic() + timeout_s
+    shown = answer_text(page)
+    while shown != expected and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+        shown = answer_text(page)
+    return shown
+
+
 def wait_until_answered(page: Page) -> None:
     # After an answer is saved the app shows it with its Regenerate button.
     expect(page.get_by_role("button", name="Regenerate")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
@@ -159,7 +170,7 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
     page.reload()
     expect(messages(page)).to_have_count(2, timeout=60_000)
     assert "Write a short poem about the sea." in messages(page).first.inner_text()
-    assert answer_text(page) == answer
+    assert answer_settles_to(page, answer) == answer
 
     page.get_by_role("button", name="New chat").click()
     expect(messages(page)).to_have_count(0)
@@ -169,7 +180,7 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
 
     page.get_by_role("button", name="Write a short poem about the sea.").click()
     expect(messages(page).first).to_contain_text("Write a short poem about the sea.")
-    assert answer_text(page) == answer
+    assert answer_settles_to(page, answer) == answer
 
     page.get_by_text("Settings").click()
     expect(page.get_by_label("Max answer tokens")).to_be_in_viewport()
