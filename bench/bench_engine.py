@@ -23,12 +23,13 @@ sys.path.insert(0, str(ROOT / "handler"))
 
 import llama_cpp  # noqa: E402
 import llama_engine  # noqa: E402
+from chat_prompt import ChatPrompter  # noqa: E402
 from llama_engine import Engine, EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
 from bench.loadgen import DEFAULT_PROMPTS  # noqa: E402
 
 
-def steady_decode(engine: Engine, n: int, tokens: int) -> dict:
+def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int) -> dict:
     decode_s = [0.0]
     real_decode = llama_cpp.llama_decode
 
@@ -40,8 +41,7 @@ def steady_decode(engine: Engine, n: int, tokens: int) -> dict:
 
     greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
     for i in range(n):
-        prompt = engine.tokenize(f"<|im_start|>user\n{DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]} ({i})<|im_end|>\n"
-                                 "<|im_start|>assistant\n")
+        prompt = prompter.tokens([{"role": "user", "content": f"{DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]} ({i})"}])
         engine.submit(f"s{n}-{i}", GenerationRequest(prompt, tokens, greedy, ignore_eos=True))
     while engine.waiting or any(s.active and s.active.pending_prompt for s in engine.slots):
         engine.step()   # prefill, not timed
@@ -70,8 +70,11 @@ def main(argv=None):
     streams = [int(x) for x in args.streams.split(",")]
     engine = Engine(args.gguf, EngineConfig(n_slots=max(streams), n_ctx_per_slot=2048, n_threads=args.threads,
                                             n_gpu_layers=args.n_gpu_layers))
+    # the GGUF's own chat template, as the handler renders it
+    prompter = ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
+                            lambda text: engine.tokenize(text, add_special=False, parse_special=True))
     try:
-        rows = [steady_decode(engine, n, args.tokens) for n in streams]
+        rows = [steady_decode(engine, prompter, n, args.tokens) for n in streams]
     finally:
         engine.close()
     base = rows[0]["tokens_per_s"]

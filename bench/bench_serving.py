@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -224,9 +225,8 @@ def _int_keys(d: dict) -> dict:
 
 def turn_ratio(ts: dict, ls: dict) -> float:
     """Median over turns of TorchServe / llama-server tokens/s, runs made next to each other."""
-    ratios = sorted(a / b for a, b in zip(ts.get("runs_tokens_per_s", [ts["tokens_per_s"]]),
-                                           ls.get("runs_tokens_per_s", [ls["tokens_per_s"]])))
-    return ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:][:2]) / 2
+    return statistics.median(a / b for a, b in zip(ts.get("runs_tokens_per_s", [ts["tokens_per_s"]]),
+                                                   ls.get("runs_tokens_per_s", [ls["tokens_per_s"]])))
 
 
 def render(r) -> str:
