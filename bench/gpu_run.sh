@@ -88,7 +88,8 @@ build() {
     log "llama-cpp-python: building with CUDA from the sdist"
     mkdir -p "$W/src" && tar -xJf "$C/llama_cpp_python-0.3.36-trim.tar.xz" -C "$W/src"
     local t0=$SECONDS
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as setup.sh: AMX kernels crash on AMX Xeons
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
       python3 -m pip wheel -q --no-build-isolation --no-deps --no-index -w "$W/wheel" \
       "$W/src/llama_cpp_python-0.3.36" > "$W/build.log" 2>&1 || { tail -40 "$W/build.log"; die "build failed"; }
     log "built in $((SECONDS - t0)) s: $(ls -la "$W"/wheel/*.whl)"
