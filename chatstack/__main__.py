@@ -1,7 +1,8 @@
 """Command line: python -m chatstack start|stop|status|key
 
-  start   start TorchServe with config.properties (packaging and registering the
-          default model archive unless --no-model); returns once it is ready
+  start   start TorchServe with config.properties, the way the admin console's Start
+          does: with an empty model store it first builds the default model archive,
+          then registers the default model unless --no-model; returns once it is ready
   stop    stop it
   status  say whether it runs and list the registered models
   key     print the inference key clients need (from key_file.json);
@@ -15,18 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
+from chatstack.model_archive import ArchiveError
+from chatstack.server_lifecycle import start_server
 from chatstack.torchserve_client import TorchServeError
-from chatstack.torchserve_process import ROOT, StartError, TorchServeProcess
-
-
-def ensure_archive(store, name="llama") -> str:
-    archive = store / f"{name}.mar"
-    if not archive.exists():
-        subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)], check=True)
-    return archive.name
+from chatstack.torchserve_process import ROOT, TorchServeProcess
 
 
 def main(argv=None) -> int:
@@ -42,14 +37,9 @@ def main(argv=None) -> int:
     server = TorchServeProcess(args.config, args.model_store, args.run_dir)
     try:
         if args.command == "start":
-            server.model_store.mkdir(parents=True, exist_ok=True)
-            archive = None if args.no_model else ensure_archive(server.model_store)
-            server.start()
-            print(f"TorchServe is up (pid {server.pid()}): inference {server.address('inference')}, "
-                  f"management {server.address('management')}, metrics {server.address('metrics')}")
-            if archive:
-                print(server.client().register(archive, timeout=600))
-            print(f"Keys: {server.key_file}")
+            start_server(server, register_default=not args.no_model, on_step=print)
+            print(f"Inference {server.address('inference')}, management {server.address('management')}, "
+                  f"metrics {server.address('metrics')}; keys in {server.key_file}")
         elif args.command == "stop":
             print("stopped" if server.stop() else "TorchServe was not running")
         elif args.command == "status":
@@ -66,7 +56,7 @@ def main(argv=None) -> int:
                 print(f"no key in {server.key_file}: start TorchServe first", file=sys.stderr)
                 return 1
             print(key)
-    except (StartError, TorchServeError) as e:
+    except (ArchiveError, TorchServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -128,7 +128,8 @@ def package_variant(store: str | Path, source: str, version: str, settings: Mode
         raise ArchiveError(f"{target.name} already exists in the model store")
     partial = target.with_name(target.name + ".part")
     try:
-        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(partial, "w") as zout:
+        # Level 1: quantized weights barely compress, so spend little time on it.
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zout:
             manifest = json.loads(zin.read(MANIFEST))
             manifest.setdefault("model", {})["modelVersion"] = version
             config_name = manifest["model"].get("configFile")
@@ -138,12 +139,8 @@ def package_variant(store: str | Path, source: str, version: str, settings: Mode
                 elif entry.filename == config_name:
                     zout.writestr(entry, edit_model_config(zin.read(entry).decode(), settings))
                 else:
-                    # Level 1: quantized weights barely compress, so spend little time on it.
-                    copy = zipfile.ZipInfo(entry.filename, entry.date_time)
-                    copy.compress_type, copy.external_attr = zipfile.ZIP_DEFLATED, entry.external_attr
-                    copy.file_size = entry.file_size
-                    copy._compresslevel = 1
-                    with zin.open(entry) as data, zout.open(copy, "w") as out:
+                    large = entry.file_size * 1.05 > zipfile.ZIP64_LIMIT  # as zipfile decides for known sizes
+                    with zin.open(entry) as data, zout.open(entry.filename, "w", force_zip64=large) as out:
                         shutil.copyfileobj(data, out, 1 << 20)
             if config_name is None:
                 raise ArchiveError(f"{source} has no model-config.yaml to change")

@@ -7,13 +7,13 @@ a `TorchServeError` carrying TorchServe's own message.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -166,40 +166,40 @@ class TorchServeClient:
         return self._mgmt("GET", path).json()
 
     def register(self, archive: str, *, model_name: str | None = None, initial_workers: int = 1,
-                 batch_size: int | None = None, max_batch_delay: int | None = None,
-                 response_timeout: int | None = None, synchronous: bool = True, timeout: float = 300) -> str:
-        params = {"url": archive, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
+                 batch_size: int | None = None, max_batch_delay: int | None = None, timeout: float = 300) -> str:
+        """Register an archive of the model store and wait until its workers have loaded it."""
+        params = {"url": archive, "initial_workers": initial_workers, "synchronous": "true"}
         for key, value in (("model_name", model_name), ("batch_size", batch_size),
-                           ("max_batch_delay", max_batch_delay), ("response_timeout", response_timeout)):
+                           ("max_batch_delay", max_batch_delay)):
             if value is not None:
                 params[key] = value
         return self._mgmt("POST", "/models", params=params, timeout=timeout).json().get("status", "")
 
-    def unregister(self, name: str, version: str | None = None, timeout: float = 120) -> str:
+    def unregister(self, name: str, version: str | None = None) -> str:
         path = f"/models/{name}" + (f"/{version}" if version else "")
-        return self._mgmt("DELETE", path, timeout=timeout).json().get("status", "")
+        return self._mgmt("DELETE", path, timeout=120).json().get("status", "")
 
-    def scale(self, name: str, min_worker: int, max_worker: int | None = None, version: str | None = None,
-              synchronous: bool = True, timeout: float = 300) -> str:
+    def scale(self, name: str, min_worker: int, max_worker: int | None = None, version: str | None = None) -> str:
+        """Set a model (version)'s worker numbers and wait until the workers are started or stopped."""
         path = f"/models/{name}" + (f"/{version}" if version else "")
         params = {"min_worker": min_worker, "max_worker": max_worker if max_worker is not None else min_worker,
-                  "synchronous": str(synchronous).lower()}
-        return self._mgmt("PUT", path, params=params, timeout=timeout).json().get("status", "")
+                  "synchronous": "true"}
+        return self._mgmt("PUT", path, params=params, timeout=300).json().get("status", "")
 
-    def wait_for_workers(self, name: str, version: str | None = None, count: int = 1, status: str = "READY",
-                         timeout: float = 300, poll_s: float = 0.5) -> list[dict]:
-        """Wait until at least `count` workers of the model (version) have `status`; returns them."""
+    def wait_for_workers(self, name: str, version: str | None = None, count: int = 1,
+                         timeout: float = 300) -> list[dict]:
+        """Wait until at least `count` workers of the model (version) are READY; returns them."""
         deadline = time.monotonic() + timeout
         while True:
             workers = [w for entry in self.describe_model(name, version) for w in entry.get("workers", [])]
-            matching = [w for w in workers if w.get("status") == status]
-            if len(matching) >= count:
-                return matching
+            ready = [w for w in workers if w.get("status") == "READY"]
+            if len(ready) >= count:
+                return ready
             if time.monotonic() > deadline:
                 states = ", ".join(f"{w.get('id')}: {w.get('status')}" for w in workers) or "no workers"
-                raise TorchServeError(f"{name} {version or ''} has not {count} {status} worker(s) "
+                raise TorchServeError(f"{name} {version or ''} has not {count} READY worker(s) "
                                       f"after {timeout:.0f} s ({states})")
-            time.sleep(poll_s)
+            time.sleep(0.5)
 
     def set_default_version(self, name: str, version: str) -> str:
         return self._mgmt("PUT", f"/models/{name}/{version}/set-default").json().get("status", "")
@@ -237,27 +237,20 @@ class TorchServeClient:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples summed over labels: {'ts_inference_requests_total': 12.0, ...}."""
-        return parse_prometheus(self.metrics_text())
+        totals: dict[str, float] = {}
+        for name, _, value in self.metric_samples():
+            totals[name] = totals.get(name, 0.0) + value
+        return totals
 
     def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
         """Every Prometheus sample with its labels: [('llama_requests_finished', {'Reason': 'stop', ...}, 3.0), ...]."""
-        return parse_prometheus_samples(self.metrics_text())
+        return parse_metric_samples(self.metrics_text())
 
     # ---- inference --------------------------------------------------------------------
 
-    def _prediction_path(self, model: str, version: str | None, route: str = "") -> str:
-        path = f"/predictions/{model}"
-        if version or route:
-            path += f"/{version or ''}"
-        if route:
-            # TorchServe needs a version segment before extra path segments; an empty one means default.
-            path = f"/predictions/{model}/{version or self.default_version(model)}/{route}"
-        return path
-
-    def default_version(self, model: str) -> str:
-        for entry in self.describe_model(model):
-            return entry.get("modelVersion", "1.0")
-        raise ModelNotFound(f"model {model} is not registered", 404)
+    @staticmethod
+    def _prediction_path(model: str, version: str | None) -> str:
+        return f"/predictions/{model}" + (f"/{version}" if version else "")
 
     def chat(self, model: str, messages: list[dict], version: str | None = None, timeout: float = 300,
              **params) -> dict:
@@ -289,31 +282,21 @@ def _error_message_from(obj: dict) -> str:
     return err.get("message", "error") if isinstance(err, dict) else str(err)
 
 
-def parse_prometheus_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+def parse_metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a Prometheus text page: (name, labels, value), named as the page names it.
+
+    prometheus_client reads counters the OpenMetrics way and names every counter sample
+    NAME_total; a counter the page declares without that suffix (llama_tokens_generated)
+    gets its own name back."""
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as e:
+        raise TorchServeError(f"TorchServe's metrics page could not be read: {e}") from None
     samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name, _, labels_text = name_labels.partition("{")
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels_text))
-        samples.append((name, labels, number))
+    for family in families:
+        for sample in family.samples:
+            name = sample.name
+            if family.type == "counter" and name == f"{family.name}_total" and f"# TYPE {name} counter" not in text:
+                name = family.name
+            samples.append((name, sample.labels, sample.value))
     return samples
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return totals

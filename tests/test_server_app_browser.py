@@ -1,13 +1,15 @@
 """End to end: headless Chromium drives `streamlit run server_app.py`, which runs a real TorchServe.
 
-The tests run in order on one page: start -> register -> metrics -> scale to 2 -> keys -> stop.
-Each saves a screenshot of its view into screenshots/server_*.png.
+The tests run in order in one browser tab, going from page to page through the sidebar:
+start -> register -> metrics -> scale to 2 -> keys -> stop.
+Each saves a screenshot of its page into screenshots/server_*.png.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -15,7 +17,7 @@ import pytest
 import requests
 from playwright.sync_api import expect, sync_playwright
 
-from chatstack.admin import ConsoleConfig
+from chatstack.console_config import ConsoleConfig
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -75,9 +77,11 @@ def page(console_url):
         browser.close()
 
 
-def open_tab(page, name):
-    page.get_by_role("tab", name=name).click()
-    return page.get_by_role("tabpanel", name=name)
+def open_page(page, name):
+    """Go to a console page through the sidebar; returns the page's main area."""
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=name).click()
+    expect(page).to_have_url(re.compile("/$" if name == "Server" else f"/{name.lower()}$"))
+    return page.get_by_test_id("stMain")
 
 
 def expect_success(page, text, timeout=SLOW_MS):
@@ -91,24 +95,24 @@ def shoot(page, name):
 
 
 def test_starting_from_the_page_shows_a_running_healthy_server(page):
-    panel = open_tab(page, "Server")
+    panel = open_page(page, "Server")
     expect(panel.get_by_text("Stopped", exact=True)).to_be_visible()
     # Registration is left to the Models view, the way a user picks settings.
     panel.get_by_text("Register the default model").click()
     panel.get_by_role("button", name="Start TorchServe").click()
     expect_success(page, "TorchServe is running")
-    panel = open_tab(page, "Server")
+    panel = open_page(page, "Server")
     expect(panel.get_by_text("Healthy", exact=True)).to_be_visible()
     expect(panel.get_by_text("0.12.0", exact=True)).to_be_visible()
     shoot(page, "server")
 
 
 def test_registering_the_default_model_shows_it_registered(page):
-    panel = open_tab(page, "Models")
+    panel = open_page(page, "Models")
     expect(panel.get_by_text("No model is registered.")).to_be_visible()
     panel.get_by_role("button", name="Register", exact=True).click()
     expect_success(page, 'Model "llama" Version: 1.0 registered with 1 initial workers')
-    panel = open_tab(page, "Models")
+    panel = open_page(page, "Models")
     expect(panel.get_by_text("No model is registered.")).to_have_count(0)
     shoot(page, "models")
 
@@ -118,7 +122,7 @@ def test_metrics_view_shows_generated_tokens(page, console_env):
     for _ in range(2):
         client.chat("llama", [{"role": "user", "content": "Tell me about bread."}], max_tokens=24)
         time.sleep(1.5)  # the handler publishes its counters at most once a second
-    panel = open_tab(page, "Metrics")
+    panel = open_page(page, "Metrics")
     expect(panel.get_by_text("Tokens generated")).to_be_visible()
     expect(panel.get_by_text("Charts appear after the next refresh.")).to_have_count(0, timeout=30_000)
     page.wait_for_timeout(4000)  # one more refresh, so the charts hold a few points
@@ -126,13 +130,13 @@ def test_metrics_view_shows_generated_tokens(page, console_env):
 
 
 def test_scaling_to_two_workers_shows_two_ready_workers(page):
-    panel = open_tab(page, "Tuning")
+    panel = open_page(page, "Tuning")
     for label in ("Max workers", "Min workers"):
         panel.get_by_label(label).fill("2")
     panel.get_by_role("button", name="Scale workers").click()
     expect_success(page, "Workers scaled to 2 for model: llama")
     shoot(page, "tuning")
-    panel = open_tab(page, "Status")
+    panel = open_page(page, "Status")
     expect(panel.get_by_text("2 READY of 2")).to_be_visible(timeout=SLOW_MS)  # the view refreshes itself
     shoot(page, "status")
 
@@ -140,7 +144,7 @@ def test_scaling_to_two_workers_shows_two_ready_workers(page):
 def test_security_view_masks_the_inference_key(page, console_env):
     key_file = ConsoleConfig.from_env(console_env).process().key_file
     key = json.loads(key_file.read_text())["inference"]["key"]
-    panel = open_tab(page, "Security")
+    panel = open_page(page, "Security")
     field = panel.get_by_label("Inference key (give this to chat clients)")
     expect(field).to_have_value("••••••••")
     shoot(page, "security")
@@ -148,14 +152,14 @@ def test_security_view_masks_the_inference_key(page, console_env):
     # While Streamlit re-renders, the masked field and the revealed one can both be on the page
     # for a moment; the revealed one is drawn last.
     expect(panel.get_by_label("Inference key (give this to chat clients)").last).to_have_value(key, timeout=SLOW_MS)
-    expect(page.get_by_role("tab", name="Security")).to_have_attribute("aria-selected", "true")
+    expect(page).to_have_url(re.compile("/security$"))  # the rerun kept the page
 
 
 def test_stopping_from_the_page_shows_the_server_stopped(page, console_env):
-    panel = open_tab(page, "Server")
+    panel = open_page(page, "Server")
     panel.get_by_role("button", name="Stop TorchServe").click()
     expect_success(page, "TorchServe stopped")
-    panel = open_tab(page, "Server")
+    panel = open_page(page, "Server")
     expect(panel.get_by_text("Stopped", exact=True)).to_be_visible()
     assert not ConsoleConfig.from_env(console_env).process().is_running()
     shoot(page, "stopped")

@@ -10,8 +10,9 @@ import time
 import pytest
 import requests
 
-from chatstack import admin
 from chatstack.model_archive import ModelSettings
+from chatstack.model_registry import register_archive, swap_settings
+from chatstack.server_lifecycle import stop_server
 from chatstack.torchserve_client import ModelNotFound, ServerUnreachable, TorchServeError, Unauthorized
 from chatstack.torchserve_process import StartError, TorchServeProcess
 from conftest import ROOT, free_port_overrides
@@ -85,7 +86,7 @@ def test_missing_java_gives_a_clear_start_error(tmp_path, model_store, monkeypat
 def test_stopping_a_stopped_server_says_it_was_not_running(tmp_path, model_store):
     process = TorchServeProcess(ROOT / "config.properties", model_store, tmp_path, overrides=free_port_overrides())
     assert process.stop() is False
-    assert admin.stop_server(process) == "TorchServe was not running"
+    assert stop_server(process) == "TorchServe was not running"
 
 
 # ---- security and errors (the shared session server) ------------------------------------------
@@ -139,8 +140,8 @@ def test_metrics_include_the_handler_counters(client):
 
 def test_registering_the_default_archive_starts_a_ready_worker(own_client, own_store):
     # Through the console's logic: the archive says maxWorkers 1, the chosen 2 must win.
-    status = admin.register_archive(own_client, own_store, "llama.mar",
-                                    ModelSettings(min_workers=1, max_workers=2, batch_size=4, max_batch_delay=10))
+    status = register_archive(own_client, own_store, "llama.mar",
+                              ModelSettings(min_workers=1, max_workers=2, batch_size=4, max_batch_delay=10))
     assert "registered with 1 initial workers" in status
     entry = own_client.describe_model("llama")[0]
     assert (entry["minWorkers"], entry["maxWorkers"], entry["batchSize"], entry["maxBatchDelay"]) == (1, 2, 4, 10)
@@ -183,8 +184,8 @@ def test_batch_size_change_keeps_a_running_chat_stream_alive(own_client, own_sto
             talker.start()
             assert first_chunk.wait(120)
 
-    new_version = admin.swap_settings(own_client, own_store, "llama",
-                                      ModelSettings(batch_size=4, max_batch_delay=20), on_step=on_step)
+    new_version = swap_settings(own_client, own_store, "llama", ModelSettings(batch_size=4, max_batch_delay=20),
+                                on_step=on_step)
     talker.join(300)
 
     assert stream_log["error"] is None

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Figures behind the InferenceService's scale target: one "pod" (TorchServe started from a KServe
-layout exactly as the ServingRuntime starts it, see tests/test_kserve_layout.py) under 1, 2, 4, ...
+layout exactly as the ServingRuntime starts it, deploy/kserve_pod.py) under 1, 2, 4, ...
 concurrent streaming chats, with bench/loadgen.py.
 
-    .venv/bin/python deploy/bench_pod.py [--layout DIR] [-c 1 2 4 6 8 12] [--max-tokens 128]
+    .venv/bin/python bench/bench_pod.py [--layout DIR] [-c 1 2 4 6 8 12] [--max-tokens 128]
 
 Without --layout it writes one with package_llama.sh --config deploy/kserve/model-config-cpu.yaml.
 Prints a Markdown table (deploy/README.md, "Scale").
@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import LoadSpec, endpoint, run_load, summarize  # noqa: E402
-from test_kserve_layout import PodServer  # noqa: E402
+from deploy.kserve_pod import PodServer  # noqa: E402
 
 
 def main() -> int:
