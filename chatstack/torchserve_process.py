@@ -3,10 +3,16 @@
 Each server gets a run folder holding its working directory (TorchServe writes
 key_file.json there), its logs, its own TMPDIR (TorchServe keeps a pid file in
 the temp folder, so two servers need two) and the config actually used.
+
+TorchServe runs with torchserve_fix's agent (issue #16: several workers on a
+continuous-batching model stall each other in TorchServe 0.12.0); it refuses to
+start when the fix is not built for the installed TorchServe.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -14,16 +20,54 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from chatstack.torchserve_client import ServerUnreachable, TorchServeClient, TorchServeError
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCHSERVE_FIX = ROOT / "torchserve_fix" / "build" / "torchserve-fix.jar"
 
 
 class StartError(TorchServeError):
     """TorchServe could not be started; the message says why in plain words."""
+
+
+def model_server_jar() -> Path | None:
+    """TorchServe's frontend (ts/frontend/model-server.jar) of this Python's torchserve."""
+    spec = importlib.util.find_spec("ts")
+    return Path(spec.submodule_search_locations[0]) / "frontend" / "model-server.jar" if spec else None
+
+
+def torchserve_fix_agent(agent: Path | None = None) -> Path:
+    """The agent jar of torchserve_fix (default TORCHSERVE_FIX), checked against the installed
+    TorchServe's model-server.jar. Raises StartError when it is missing or built for another jar."""
+    agent = Path(agent or TORCHSERVE_FIX)
+    why = ("without it, chats on a continuous-batching model with more than one worker stall "
+           "(TorchServe 0.12.0, issue #16)")
+    if not agent.is_file():
+        raise StartError(f"the TorchServe fix is not built ({agent} is missing): run torchserve_fix/build.sh "
+                         f"(./setup.sh does); {why}")
+    try:
+        with zipfile.ZipFile(agent) as jar:
+            manifest = jar.read("META-INF/MANIFEST.MF").decode().replace("\r\n", "\n").replace("\n ", "")
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise StartError(f"the TorchServe fix {agent} cannot be read ({e}): run torchserve_fix/build.sh") from None
+    fields = dict(line.split(": ", 1) for line in manifest.splitlines() if ": " in line)
+    expected = fields.get("Model-Server-Jar-SHA256")
+    frontend = model_server_jar()
+    if frontend is None or not frontend.is_file():
+        raise StartError("TorchServe's model-server.jar was not found (pip install -r requirements.txt)")
+    with open(frontend, "rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    if actual != expected:
+        raise StartError(f"the TorchServe fix {agent} was built for TorchServe {fields.get('TorchServe-Version')}'s "
+                         f"model-server.jar, not for {frontend} (sha256 {actual}): install that TorchServe "
+                         f"and run torchserve_fix/build.sh; {why}")
+    if any(c.isspace() for c in str(agent)):
+        raise StartError(f"the TorchServe fix's path {agent} contains a space, which TorchServe's vmargs cannot carry")
+    return agent
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -68,8 +112,10 @@ def port_in_use(host: str, port: int) -> bool:
 class TorchServeProcess:
     def __init__(self, config: str | Path = ROOT / "config.properties", model_store: str | Path = ROOT / "model_store",
                  run_dir: str | Path = ROOT / ".run", overrides: dict[str, str] | None = None,
-                 log_config: str | Path | None = ROOT / "log4j2.xml"):
+                 log_config: str | Path | None = ROOT / "log4j2.xml", torchserve_fix: bool = True):
         self.base_config = Path(config)
+        # False runs TorchServe's own classes: only to show issue #16 (tests/test_worker_scaling.py).
+        self.torchserve_fix = torchserve_fix
         self.log_config = Path(log_config).resolve() if log_config else None
         self.model_store = Path(model_store).resolve()
         self.run_dir = Path(run_dir).resolve()
@@ -161,6 +207,7 @@ class TorchServeProcess:
         torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent) + ":" + os.environ.get("PATH", ""))
         if torchserve is None:
             raise StartError("the torchserve command is not installed (pip install -r requirements.txt)")
+        agent = torchserve_fix_agent() if self.torchserve_fix else None
         listeners = [(kind, urlparse(self.address(kind))) for kind in ("inference", "management", "metrics")]
         listeners = [(f"{kind} API", url.hostname or "127.0.0.1", url.port or 80) for kind, url in listeners]
         for kind, default_port in (("inference", 7070), ("management", 7071)):
@@ -181,6 +228,8 @@ class TorchServeProcess:
         # Java ignores TMPDIR; workers' unix sockets (.ts.sock.9000, ...) and unpacked archives go to
         # java.io.tmpdir, so two servers sharing /tmp would cross their workers' sockets.
         props["vmargs"] = f"{props.get('vmargs', '')} -Djava.io.tmpdir={self.run_dir / 'tmp'}".strip()
+        if agent:
+            props["vmargs"] += f" -javaagent:{agent}"  # loads torchserve_fix's ContinuousBatching
         write_properties(self.config_path, props)
         self.key_file.unlink(missing_ok=True)
         cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),

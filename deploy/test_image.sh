@@ -96,7 +96,8 @@ in_image() { "${BUILDAH[@]}" run --isolation chroot --network host "$@"; }
 if in_image "$CTR" -- sh -c 'command -v gcc || command -v cc || command -v cmake || command -v make'; then
   echo "FAIL: a compiler or build tool is in the final image" >&2; exit 1
 fi
-in_image "$CTR" -- java -version 2>&1 | sed -n 1p >&2   # sed reads it all: no SIGPIPE under pipefail
+# (sed reads it all: no SIGPIPE under pipefail; the image's JAVA_TOOL_OPTIONS adds a "Picked up" line)
+in_image "$CTR" -- java -version 2>&1 | sed -n '/version/p' >&2
 in_image "$CTR" -- python -c "import llama_cpp, ts, torch; print('llama-cpp-python', llama_cpp.__version__, 'torch', torch.__version__)" >&2
 
 # ---- the KServe layout, served from the image ---------------------------------------------------
@@ -123,7 +124,9 @@ for _ in $(seq 1 180); do
   sleep 1
 done
 curl -sf "http://127.0.0.1:$INF/ping" | grep -q Healthy || { tail -30 "$WORK/server.log" >&2; echo "FAIL: not healthy" >&2; exit 1; }
-log "healthy; the image's own HEALTHCHECK command:"
+grep -q "torchserve_fix: continuous batching" "$WORK/server.log" \
+  || { echo "FAIL: TorchServe runs without torchserve_fix's ContinuousBatching (JAVA_TOOL_OPTIONS)" >&2; exit 1; }
+log "healthy, with torchserve_fix's continuous batching; the image's own HEALTHCHECK command:"
 in_image --env "TS_HEALTH_URL=http://127.0.0.1:$INF/ping" "$CTR" -- \
   python -c "import os, sys, urllib.request as u; sys.exit(0 if b'Healthy' in u.urlopen(os.environ['TS_HEALTH_URL'], timeout=4).read() else 1)" \
   && echo "healthcheck: ok" >&2
