@@ -2,7 +2,8 @@
 
 Fields follow the order of the OpenAI API reference; llama.cpp extras (top_k,
 min_p, repeat_penalty) come after. Every validation failure becomes an
-`ApiError` whose JSON names the offending parameter.
+`ApiError` whose JSON names the offending parameter. `to_generation_request`
+turns a request into the engine's.
 """
 
 from __future__ import annotations
@@ -16,32 +17,23 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from api_errors import ApiError
+from llama_engine import GenerationRequest, SamplingParams
+
 if TYPE_CHECKING:
-    from llama_engine import SamplingParams
+    from llama_settings import HandlerSettings
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 4096
 # C0 control characters other than tab, newline and carriage return.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                   "presence_penalty", "frequency_penalty", "seed")
 
 
-class ApiError(Exception):
-    """An error the client caused or must hear about, with its HTTP status."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.type = type
-
-    def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def _check_text(value: str, what: str) -> str:
@@ -117,9 +109,18 @@ class SamplingFields(BaseModel):
             self.max_tokens = self.max_completion_tokens
         return self
 
-    @property
-    def stop_list(self) -> list[str]:
-        return list(self.stop or [])
+    def to_generation_request(self, server: "HandlerSettings") -> GenerationRequest:
+        """The one place that decides each value of the engine's request: the request's,
+        else the server's (model-config.yaml `handler:`), else the built-in default
+        (SamplingParams). The prompt is left empty: it is fitted into the room that
+        max_tokens leaves in the context."""
+        built_in, configured = SamplingParams(), server.sampling
+        values = {name: _first_set(getattr(self, name), getattr(configured, name), getattr(built_in, name))
+                  for name in _SAMPLING_NAMES}
+        values["penalty_last_n"] = _first_set(configured.penalty_last_n, built_in.penalty_last_n)
+        return GenerationRequest(prompt_tokens=[], max_tokens=self.max_tokens or server.max_tokens,
+                                 sampling=SamplingParams(**values), stop=list(self.stop or []),
+                                 ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -146,8 +147,6 @@ def _first_error(exc: ValidationError) -> ApiError:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         msg = "is required"
-    elif err["type"] == "extra_forbidden":
-        msg = "is not a known parameter"
     return ApiError(f"{param}: {msg}" if param else msg, param=param)
 
 
@@ -201,8 +200,6 @@ def parse_request(body: Any, route: str) -> ChatCompletionRequest | CompletionRe
         return cls.model_validate(data)
     except ValidationError as e:
         raise _first_error(e) from None
-    except RecursionError:
-        raise ApiError("request body is nested too deeply") from None
 
 
 # ---- responses ---------------------------------------------------------------
@@ -242,7 +239,7 @@ def chat_chunk(rid, model, text, finish_reason=None, usage_=None, extra=None, fi
     return chunk
 
 
-def text_completion(rid, model, text, finish_reason, usage_, extra, chunk=False) -> dict:
+def text_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
     out = {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
@@ -257,18 +254,3 @@ def text_completion(rid, model, text, finish_reason, usage_, extra, chunk=False)
 def sse(obj: dict | str) -> str:
     """One server-sent event."""
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def sampling_params(request: SamplingFields, defaults: dict) -> "SamplingParams":
-    """The one place that decides each sampling value: the request's, else the
-    server's configured default, else the built-in default."""
-    from llama_engine import SamplingParams  # engine types, no TorchServe
-
-    built_in = SamplingParams()
-    values = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                 "presence_penalty", "frequency_penalty", "seed"):
-        mine = getattr(request, name)
-        values[name] = mine if mine is not None else defaults.get(name, getattr(built_in, name))
-    values["penalty_last_n"] = defaults.get("penalty_last_n", built_in.penalty_last_n)
-    return SamplingParams(**values)

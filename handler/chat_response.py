@@ -5,20 +5,16 @@ OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
 from __future__ import annotations
 
 import json
-import time
 
-from chat_protocol import (
-    ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage,
-)
+from api_errors import ApiError, GenerationFailed, api_error
+from chat_protocol import ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage
 from llama_engine import Update
 
 
 class Exchange:
     """One request's answer, rendered step by step in the format its route asks for."""
 
-    def __init__(self, request_id, request, route, model_name, messages_dropped, n_ctx):
-        self.request_id = request_id
-        self.request = request
+    def __init__(self, request, route, model_name, messages_dropped, n_ctx):
         self.is_chat = isinstance(request, ChatCompletionRequest)
         self.sse = route in ("chat", "completion")
         self.stream = request.stream
@@ -27,8 +23,7 @@ class Exchange:
         self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
         self.text: list[str] = []
         self.first = True
-        self.failed_status: int | None = None  # HTTP status of an error after the request started
-        self.started_at = time.monotonic()
+        self.status = 200   # HTTP status: an error after the request started sets its own
 
     @property
     def content_type(self):
@@ -41,7 +36,7 @@ class Exchange:
             return ""
         self.text.append(upd.text)
         if upd.error:
-            return self.render_error(ApiError(f"generation failed: {upd.error}", status=500, type="server_error"))
+            return self.render_error(api_error(GenerationFailed(upd.error)))
         reason = upd.finish_reason
         use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
         if not self.stream:
@@ -62,7 +57,7 @@ class Exchange:
     def render_error(self, error: ApiError) -> str:
         """The last output of a request that failed after it started: a JSON
         error object, or, mid-stream, an error frame the client can show."""
-        self.failed_status = error.status
+        self.status = error.status
         if not self.stream:
             return error.to_json()
         return self._frame(error.to_dict()) + (sse("[DONE]") if self.sse else "")

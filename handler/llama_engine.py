@@ -2,17 +2,21 @@
 
 The engine owns one llama.cpp context shared by a fixed number of slots. Each
 `step()` builds one `llama_decode` batch holding the next token of every
-generating sequence plus a chunk of prompt for sequences still prefilling, then
-samples one token per sequence that asked for logits. It knows nothing about
-TorchServe or HTTP: callers submit requests, call `step()` (or `run()`), and
-read back `Update`s.
+generating sequence plus a chunk of prompt for sequences still reading theirs,
+then samples one token per sequence that asked for logits. It knows nothing about
+TorchServe or HTTP: callers `submit` requests (and get a handle back), call
+`step()` (or `run()`), and read back `Update`s.
+
+A slot walks IDLE -> READING_PROMPT -> GENERATING -> IDLE. When it goes idle it
+keeps the KV of the tokens it read, so a later request sharing a prefix (the next
+turn of the same chat) reads only the rest.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
-import os
+import enum
 import sys
 import threading
 import time
@@ -33,35 +37,46 @@ FINISH_ERROR = "error"
 
 
 class PromptTooLong(ValueError):
-    """A prompt that cannot fit in one slot's context."""
+    """A prompt longer than the room it may take in one slot's context."""
 
     def __init__(self, n_prompt: int, n_fit: int):
-        super().__init__(
-            f"prompt has {n_prompt} tokens but at most {n_fit} fit in the context "
-            f"(context length per sequence {n_fit + 1}, at least 1 token must be left to generate)"
-        )
+        super().__init__(f"the prompt has {n_prompt} tokens but at most {n_fit} fit")
         self.n_prompt = n_prompt
         self.n_fit = n_fit
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    n_slots: int = 8                 # sequences decoded together
-    n_ctx_per_slot: int = 2048       # context length of each sequence
-    n_batch: int = 512               # most tokens in one llama_decode call
-    prefill_chunk: int = 256         # most prompt tokens one sequence adds per step
-    n_threads: int = 0               # 0 = all cores
-    n_gpu_layers: int = 0            # layers offloaded to a GPU (0 = CPU only)
-    main_gpu: int = 0                # GPU used when offloading
-    split_mode: int = 1              # 0: the whole model on main_gpu; 1: layers spread over all GPUs
-    tensor_split: list[float] | None = None  # share of the model per GPU
-    use_mmap: bool = True            # map weights so workers share them
-    flash_attn: bool = True          # also makes batched greedy output equal to single-sequence output
-    cache_answers: bool = True       # keep an answer's KV for the next turn (see Engine._finish)
+    """What the engine runs with. Every value is given: the defaults live in one place,
+    the handler's settings (llama_settings.HandlerSettings, model-config.yaml)."""
+
+    n_slots: int                     # sequences decoded together
+    n_ctx_per_slot: int              # context length of each sequence
+    n_batch: int                     # most tokens in one llama_decode call
+    prefill_chunk: int               # most prompt tokens one sequence adds per step
+    n_threads: int                   # CPU threads of llama.cpp
+    n_gpu_layers: int                # layers offloaded to a GPU (0 = CPU only)
+    main_gpu: int                    # GPU used when offloading
+    split_mode: int                  # 0: the whole model on main_gpu; 1: layers spread over all GPUs; 2: rows
+    tensor_split: list[float] | None  # share of the model per GPU
+    flash_attn: bool                 # also makes batched greedy output equal to single-sequence output
+    cache_answers: bool              # keep an answer's KV for the next turn; off: prefill in aligned chunks
+
+    def __post_init__(self):
+        for name in ("n_slots", "n_ctx_per_slot", "n_batch", "prefill_chunk", "n_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_slots > self.n_batch:
+            # every generating sequence adds a token to each llama_decode batch
+            raise ValueError(f"{self.n_slots} slots do not fit in a decode batch of n_batch {self.n_batch} "
+                             "tokens: raise n_batch or lower the slots (batchSize)")
 
 
 @dataclass
 class SamplingParams:
+    """Built-in sampling values (llama.cpp's usual ones), for what neither the request
+    nor the server's configuration sets."""
+
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
@@ -118,19 +133,27 @@ class EngineStats:
 
     slots_total: int = 0
     slots_active: int = 0
-    requests_waiting: int = 0
     tokens_prefilled: int = 0
     tokens_reused: int = 0
     tokens_generated: int = 0
     decode_calls: int = 0
     sequences_decoded: int = 0       # sum over decode calls of sequences in the call
-    max_sequences_per_decode: int = 0
     finished: dict = field(default_factory=lambda: {r: 0 for r in (FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR)})
-    last_time_to_first_token: float | None = None
 
     @property
     def slots_free(self) -> int:
         return self.slots_total - self.slots_active
+
+
+@dataclass(frozen=True)
+class RequestHandle:
+    """A submitted request: its id, and a way to cancel it (from any thread)."""
+
+    id: str
+    engine: "Engine" = field(repr=False, compare=False)
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.id)
 
 
 class StopStringMatcher:
@@ -167,10 +190,16 @@ class StopStringMatcher:
         return out
 
 
-class _Active:
-    """A request while it owns a slot."""
+class SlotState(enum.Enum):
+    IDLE = "idle"                        # free; may hold the KV of an earlier prompt
+    READING_PROMPT = "reading prompt"    # prefilling its request's prompt, a chunk per step
+    GENERATING = "generating"            # one token per step
 
-    def __init__(self, request_id: str, request: GenerationRequest, engine: "Engine"):
+
+class _Active:
+    """A request from submit until it finishes."""
+
+    def __init__(self, request_id: str, request: GenerationRequest, n_vocab: int):
         self.id = request_id
         self.request = request
         self.submitted_at = time.monotonic()
@@ -182,7 +211,7 @@ class _Active:
         # Plain greedy needs no llama.cpp sampler: an argmax over the logits is the same
         # choice (first maximum) without copying the vocabulary into a candidate array,
         # which costs more than the decode itself for many sequences on a GPU.
-        self.sampler = None if request.sampling.is_plain_greedy else engine._make_sampler(request.sampling)
+        self.sampler = None if request.sampling.is_plain_greedy else make_sampler(request.sampling, n_vocab)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopStringMatcher(request.stop)
 
@@ -195,8 +224,31 @@ class _Active:
 class _Slot:
     def __init__(self, seq_id: int):
         self.seq_id = seq_id
-        self.cached: list[int] = []   # tokens whose KV entries sit at positions 0..n-1
-        self.active: _Active | None = None
+        self.state = SlotState.IDLE
+        self.active: _Active | None = None   # the request it serves, unless IDLE
+        self.cached: list[int] = []          # tokens whose KV entries sit at positions 0..n-1
+
+
+def make_sampler(p: SamplingParams, n_vocab: int):
+    """A llama.cpp sampler chain for one request (the caller frees it with llama_sampler_free)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+    if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        add(llama_cpp.llama_sampler_init_penalties(
+            n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+    if p.temperature <= 0:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if p.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0:
+        add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(p.temperature))
+    seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -222,29 +274,28 @@ def _quiet_llama_log(level, text, user_data):
 
 
 class Engine:
-    def __init__(self, model_path: str, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
+    def __init__(self, model_path: str, config: EngineConfig):
+        self.config = config
         llama_cpp.llama_log_set(_quiet_llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = config.n_gpu_layers
         model_params.main_gpu = config.main_gpu
         model_params.split_mode = config.split_mode
-        model_params.use_mmap = config.use_mmap
+        model_params.use_mmap = True      # the workers of one model share the mapped weights
         if config.tensor_split:
             self._tensor_split = (ctypes.c_float * len(config.tensor_split))(*config.tensor_split)
             model_params.tensor_split = self._tensor_split
         self.model = LlamaModel(path_model=model_path, params=model_params, verbose=False)
         self.vocab = self.model.vocab
 
-        n_threads = config.n_threads or os.cpu_count() or 1
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = config.n_ctx_per_slot * config.n_slots
         ctx_params.n_batch = config.n_batch
         ctx_params.n_ubatch = config.n_batch
         ctx_params.n_seq_max = config.n_slots
-        ctx_params.n_threads = n_threads
-        ctx_params.n_threads_batch = n_threads
+        ctx_params.n_threads = config.n_threads
+        ctx_params.n_threads_batch = config.n_threads
         # One KV stream per sequence: each slot gets exactly n_ctx_per_slot.
         ctx_params.kv_unified = False
         ctx_params.flash_attn_type = 1 if config.flash_attn else 0
@@ -252,8 +303,14 @@ class Engine:
         self.ctx = self.context.ctx
         self.memory = self.context.memory
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_vocab = self.model.n_vocab()
         self.batch = LlamaBatch(n_tokens=config.n_batch, embd=0, n_seq_max=1, verbose=False)
+        # Without cache_answers, a prompt is read in chunks at fixed positions, [k*chunk, (k+1)*chunk),
+        # so that its KV is the same whatever was cached before (see _admit_waiting). A chunk must
+        # fit in a batch beside one token of every other slot, hence the cap (prefill_chunk in any
+        # usual configuration).
+        self.aligned_chunk = None if config.cache_answers else min(
+            config.prefill_chunk, config.n_batch - (config.n_slots - 1))
 
         self.slots = [_Slot(i) for i in range(config.n_slots)]
         self.waiting: deque[_Active] = deque()
@@ -266,17 +323,10 @@ class Engine:
     # ---- text <-> tokens -------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
 
     def token_bytes(self, token: int) -> bytes:
+        # Not LlamaModel.token_to_piece: it returns a fixed 32-byte buffer, NUL padding included.
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
         if n < 0:
@@ -286,28 +336,28 @@ class Engine:
 
     @property
     def bos_text(self) -> str:
-        tok = llama_cpp.llama_vocab_bos(self.vocab)
+        tok = self.model.token_bos()
         return self.model.token_get_text(tok) if tok >= 0 else ""
 
     @property
     def eos_text(self) -> str:
-        tok = llama_cpp.llama_vocab_eos(self.vocab)
+        tok = self.model.token_eos()
         return self.model.token_get_text(tok) if tok >= 0 else ""
 
     # ---- requests ------------------------------------------------------------
 
-    def submit(self, request_id: str, request: GenerationRequest) -> None:
+    def submit(self, request_id: str, request: GenerationRequest) -> RequestHandle:
         """Queue a request; it takes a slot at the next step that has one free."""
         if request_id in self.by_id:
             raise ValueError(f"request id {request_id!r} is already in use")
-        n_fit = self.n_ctx_seq - 1
         if not request.prompt_tokens:
             raise ValueError("prompt is empty")
-        if len(request.prompt_tokens) > n_fit:
-            raise PromptTooLong(len(request.prompt_tokens), n_fit)
-        active = _Active(request_id, request, self)
+        if len(request.prompt_tokens) >= self.n_ctx_seq:   # at least one token must be left to generate
+            raise PromptTooLong(len(request.prompt_tokens), self.n_ctx_seq - 1)
+        active = _Active(request_id, request, self.n_vocab)
         self.by_id[request_id] = active
         self.waiting.append(active)
+        return RequestHandle(request_id, self)
 
     def cancel(self, request_id: str) -> None:
         """Drop a request; its slot is free at the next step. Safe from any thread."""
@@ -316,6 +366,13 @@ class Engine:
 
     def is_busy(self) -> bool:
         return bool(self.by_id)
+
+    def clear_cache(self) -> None:
+        """Forget the KV every idle slot keeps, so the next requests read their prompts
+        from the start."""
+        for slot in self.slots:
+            if slot.state is SlotState.IDLE:
+                self._forget_cache(slot)
 
     # ---- the loop --------------------------------------------------------------
 
@@ -344,7 +401,6 @@ class Engine:
         rc = llama_cpp.llama_decode(self.ctx, self.batch.batch)
         self.stats.decode_calls += 1
         self.stats.sequences_decoded += len(plan)
-        self.stats.max_sequences_per_decode = max(self.stats.max_sequences_per_decode, len(plan))
         if rc != 0:
             for slot, _, _ in plan:
                 self._finish(slot, updates, FINISH_ERROR, error=f"llama_decode failed with code {rc}")
@@ -376,7 +432,7 @@ class Engine:
 
     def _admit_waiting(self):
         while self.waiting:
-            free = [s for s in self.slots if s.active is None]
+            free = [s for s in self.slots if s.state is SlotState.IDLE]
             if not free:
                 return
             active = self.waiting.popleft()
@@ -385,9 +441,13 @@ class Engine:
             # evaluate, since sampling needs fresh logits.
             best = max(free, key=lambda s: _common_prefix(s.cached, prompt))
             reuse = min(_common_prefix(best.cached, prompt), len(prompt) - 1)
+            if self.aligned_chunk:
+                # Reuse whole chunks only: the rest is read again in the chunks a cold slot
+                # reads, so every KV cell comes from the same chunk of the same tokens.
+                reuse -= reuse % self.aligned_chunk
             llama_cpp.llama_memory_seq_rm(self.memory, best.seq_id, reuse, -1)
-            best.cached = best.cached[:reuse]
-            best.active = active
+            del best.cached[reuse:]
+            best.state, best.active = SlotState.READING_PROMPT, active
             active.n_cached = reuse
             active.pending_prompt = prompt[reuse:]
             self.stats.tokens_reused += reuse
@@ -412,19 +472,26 @@ class Engine:
                 b.logits[n - 1] = True
             plan.append((slot, list(tokens), n - 1 if want_logits else None))
 
-        generating = [s for s in self.slots if s.active and s.active.next_token is not None]
-        prefilling = [s for s in self.slots if s.active and s.active.next_token is None and s.active.pending_prompt]
-        for slot in generating:
-            add(slot, [slot.active.next_token], True)
-            slot.active.next_token = None
+        for slot in self.slots:
+            if slot.state is SlotState.GENERATING:
+                add(slot, [slot.active.next_token], True)
+                slot.active.next_token = None
         # Oldest request first, each a chunk, so a long prompt cannot starve the rest.
-        prefilling.sort(key=lambda s: s.active.submitted_at)
-        for slot in prefilling:
+        reading = sorted((s for s in self.slots if s.state is SlotState.READING_PROMPT),
+                         key=lambda s: s.active.submitted_at)
+        for slot in reading:
             room = self.config.n_batch - n
             if room <= 0:
                 break
             active = slot.active
-            chunk = active.pending_prompt[: min(room, self.config.prefill_chunk)]
+            if self.aligned_chunk:
+                # up to the next chunk boundary, whole or not at all (the oldest always fits)
+                size = min(len(active.pending_prompt), self.aligned_chunk - len(slot.cached) % self.aligned_chunk)
+                if size > room:
+                    continue
+            else:
+                size = min(room, self.config.prefill_chunk)
+            chunk = active.pending_prompt[:size]
             active.pending_prompt = active.pending_prompt[len(chunk):]
             self.stats.tokens_prefilled += len(chunk)
             add(slot, chunk, not active.pending_prompt)
@@ -438,11 +505,9 @@ class Engine:
             token = int(logits.argmax())
         else:
             token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
-        now = time.monotonic()
         first = active.first_token_at is None
         if first:
-            active.first_token_at = now
-            self.stats.last_time_to_first_token = now - active.submitted_at
+            active.first_token_at = time.monotonic()
         if llama_cpp.llama_vocab_is_eog(self.vocab, token) and not active.request.ignore_eos:
             # Bytes of an unfinished character are dropped, never sent as U+FFFD.
             self._finish(slot, updates, FINISH_STOP, text=active.stops.flush())
@@ -458,6 +523,7 @@ class Engine:
             text += active.stops.flush()
             self._finish(slot, updates, FINISH_LENGTH, text=text)
             return
+        slot.state = SlotState.GENERATING
         active.next_token = token
         updates[active.id] = self._update(active, text, first_token=first)
 
@@ -482,7 +548,7 @@ class Engine:
 
     def _finish(self, slot: _Slot, updates, reason: str, text: str = "", error: str | None = None):
         active = slot.active
-        slot.active = None
+        slot.state, slot.active = SlotState.IDLE, None
         # With cache_answers the next turn of the conversation reads only its new
         # message, as llama-server does. Without it the slot keeps only the prompt's
         # KV: the answer's KV was computed one token per decode and differs in its
@@ -507,28 +573,7 @@ class Engine:
         slot.cached = []
 
     def _publish_gauges(self):
-        self.stats.slots_active = sum(1 for s in self.slots if s.active)
-        self.stats.requests_waiting = len(self.waiting)
-
-    def _make_sampler(self, p: SamplingParams):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            add(llama_cpp.llama_sampler_init_penalties(
-                self.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
-        if p.temperature <= 0:
-            add(llama_cpp.llama_sampler_init_greedy())
-            return chain
-        if p.top_k > 0:
-            add(llama_cpp.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1.0:
-            add(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
-        if p.min_p > 0:
-            add(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
-        add(llama_cpp.llama_sampler_init_temp(p.temperature))
-        seed = p.seed if p.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+        self.stats.slots_active = sum(1 for s in self.slots if s.state is not SlotState.IDLE)
 
     def close(self):
         for active in list(self.by_id.values()):

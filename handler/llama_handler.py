@@ -12,83 +12,69 @@ from __future__ import annotations
 
 import json
 import logging
-from http import HTTPStatus
 import os
 import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
+from api_errors import ApiError, RequestTimedOut, api_error
 from chat_prompt import ChatPrompter, ContextOverflow
-from chat_protocol import ApiError, ChatCompletionRequest, parse_request, sampling_params
+from chat_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from chat_response import Exchange
-from llama_engine import Engine, EngineConfig, GenerationRequest, PromptTooLong, Update
+from llama_engine import Engine, PromptTooLong, RequestHandle, Update
 from llama_metrics import MetricsReporter
+from llama_settings import engine_config, load_settings, request_timeout_s
 
 logger = logging.getLogger(__name__)
 
 ROUTES = {"": "auto", "v1/chat/completions": "chat", "v1/completions": "completion", "v1/models": "models"}
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (in a
-    container os.cpu_count() is the node's core count, not the pod's limit)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
+def send_intermediate_predict_response(*args):
+    """TorchServe's own, imported when first used (its module imports torch)."""
+    from ts.handler_utils.utils import send_intermediate_predict_response as send
+
+    return send(*args)
+
+
+@dataclass
+class _InFlight:
+    """A request the engine is working on."""
+
+    handle: RequestHandle
+    exchange: Exchange
+    started_at: float = field(default_factory=time.monotonic)
 
 
 class LlamaHandler:
-    def __init__(self):
+    def __init__(self, make_engine=Engine, send_intermediate=send_intermediate_predict_response):
+        # TorchServe calls LlamaHandler(); tests give a fake engine and catch intermediate responses.
+        self.make_engine = make_engine
+        self.send_intermediate = send_intermediate
         self.initialized = False
 
     def initialize(self, context):
+        model_config = context.model_yaml_config or {}
+        self.settings = settings = load_settings(model_config)
         props = context.system_properties
-        yaml_config = context.model_yaml_config or {}
-        settings = yaml_config.get("handler", {}) or {}
         self.model_name = context.manifest.get("model", {}).get("modelName", "llama")
-        model_path = settings.get("model_path", "model.gguf")
-        if not os.path.isabs(model_path):
-            model_path = os.path.join(props["model_dir"], model_path)
-        n_workers = max(int(yaml_config.get("minWorkers", 1) or 1), 1)
-        n_threads = int(settings.get("n_threads", 0)) or max(1, available_cpus() // n_workers)
-        n_gpu_layers = int(settings.get("n_gpu_layers", 0))
-        gpu_id = props.get("gpu_id")
-        # TorchServe gives each worker a GPU (gpu_id); without an explicit split, the worker uses just that one.
-        one_gpu_per_worker = bool(n_gpu_layers) and gpu_id is not None and not settings.get("tensor_split")
-        config = EngineConfig(
-            n_slots=int(settings.get("n_slots", 0)) or int(props.get("batch_size") or 1),
-            n_ctx_per_slot=int(settings.get("n_ctx", 2048)),
-            n_batch=int(settings.get("n_batch", 512)),
-            prefill_chunk=int(settings.get("prefill_chunk", 256)),
-            n_threads=n_threads,
-            n_gpu_layers=n_gpu_layers,
-            main_gpu=int(gpu_id) if one_gpu_per_worker else int(settings.get("main_gpu", 0)),
-            # llama.cpp only honours main_gpu with split mode "none"; otherwise it spreads layers over all GPUs.
-            split_mode=0 if one_gpu_per_worker else int(settings.get("split_mode", 1)),
-            tensor_split=settings.get("tensor_split"),
-            flash_attn=bool(settings.get("flash_attn", True)),
-            cache_answers=bool(settings.get("cache_answers", True)),
-        )
-        self.step_budget_s = float(settings.get("step_budget_ms", 50)) / 1000.0
-        self.default_max_tokens = int(settings.get("max_tokens", 512))
-        self.sampling_defaults = dict(settings.get("sampling", {}) or {})
-        self.continuous = bool(yaml_config.get("continuousBatching", False))
+        model_path = os.path.join(props["model_dir"], settings.model_path)   # an absolute model_path stays as it is
+        config = engine_config(settings, batch_size=int(props.get("batch_size") or 1),
+                               n_workers=int(model_config.get("minWorkers") or 1), gpu_id=props.get("gpu_id"))
+        self.continuous = bool(model_config.get("continuousBatching", False))
+        self.step_budget_s = settings.step_budget_ms / 1000.0
         # In continuous batching each handler call is short, so TorchServe's
         # responseTimeout never fires for a long request; the handler enforces it.
-        self.request_timeout_s = float(settings.get("request_timeout_s", yaml_config.get("responseTimeout", 300)))
+        self.request_timeout_s = request_timeout_s(settings, model_config)
         logger.info("loading %s with %s (continuous batching: %s)", model_path, config, self.continuous)
-        self.engine = Engine(model_path, config)
-        meta = self.engine.metadata
+        self.engine = self.make_engine(model_path, config)
         self.prompter = ChatPrompter(
-            meta.get("tokenizer.chat_template"), self.engine.bos_text, self.engine.eos_text,
+            self.engine.metadata.get("tokenizer.chat_template"), self.engine.bos_text, self.engine.eos_text,
             lambda text: self.engine.tokenize(text, add_special=False, parse_special=True),
         )
         if self.prompter.uses_fallback_template:
             logger.warning("the GGUF has no tokenizer.chat_template; chat uses ChatML")
-        self.exchanges: dict[str, Exchange] = {}
+        self.in_flight: dict[str, _InFlight] = {}
         self.reporter = MetricsReporter(getattr(context, "metrics", None), self.model_name)
         self.finished_since_report = False
         self.initialized = True
@@ -105,24 +91,15 @@ class LlamaHandler:
         self.finished_since_report = False
         return outputs
 
-    def _run_engine(self) -> dict[str, Update]:
-        updates = self.engine.run(self.step_budget_s)
-        for upd in updates.values():
-            if upd.finished:
-                self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
-                self.finished_since_report = True
-        return updates
-
     def _continuous_step(self, data, context):
         ids = context.request_ids
         outputs: dict[int, str] = {}
         finished: dict[int, bool] = {}
-        # Requests TorchServe no longer sends lost their client: free their slots.
+        # Requests TorchServe no longer sends lost their client: free their slots, answer nobody.
         live = set(ids.values())
-        for rid in [r for r in self.exchanges if r not in live]:
-            self.engine.cancel(rid)
-            del self.exchanges[rid]
-        fresh = {rid for rid in live if rid not in self.exchanges}
+        for rid in [r for r in self.in_flight if r not in live]:
+            self.in_flight.pop(rid).handle.cancel()
+        fresh = {rid for rid in live if rid not in self.in_flight}
         for idx, rid in ids.items():
             if rid in fresh:
                 early = self._open(idx, rid, data[idx], context)
@@ -130,22 +107,8 @@ class LlamaHandler:
                     outputs[idx], finished[idx] = early, True
         updates = self._run_engine() if self.engine.is_busy() else {}
         for idx, rid in ids.items():
-            if idx in outputs:
-                continue
-            ex = self.exchanges[rid]
-            upd = updates.get(rid)
-            if (upd is not None and upd.finished) or not self._timed_out(ex):
-                outputs[idx] = ex.render(upd)
-                finished[idx] = bool(upd and upd.finished)
-            else:
-                self.engine.cancel(rid)
-                outputs[idx] = ex.render_error(self._timeout_error())
-                finished[idx] = True
-            context.set_response_content_type(idx, ex.content_type)
-            if ex.failed_status:
-                context.set_response_status(ex.failed_status, HTTPStatus(ex.failed_status).phrase, idx)
-            if finished[idx]:
-                del self.exchanges[rid]
+            if idx not in outputs:
+                outputs[idx], finished[idx] = self._advance(rid, updates.get(rid), context, idx)
         # TorchServe 0.12 sends no HTTP headers when the first response of a
         # request is also marked last, so a request answered in its first call
         # is reported as a plain (non-stream) response: None, not True.
@@ -154,44 +117,30 @@ class LlamaHandler:
         return [outputs[i] for i in range(len(data))]
 
     def _generate_batch(self, data, context):
-        from ts.handler_utils.utils import send_intermediate_predict_response
-
         ids = context.request_ids
         outputs: dict[int, str] = {}
         running: dict[str, int] = {}
         for idx, rid in ids.items():
             early = self._open(idx, rid, data[idx], context)
+            outputs[idx] = "" if early is None else early
             if early is None:
                 running[rid] = idx
-                outputs[idx] = ""
-            else:
-                outputs[idx] = early
-        while any(rid in self.exchanges for rid in running):
+        while self.engine.is_busy():
             updates = self._run_engine()
-            partial = {}
-            for rid in [r for r in running if r in self.exchanges and r not in updates]:
-                if self._timed_out(self.exchanges[rid]):
-                    self.engine.cancel(rid)
-            for rid, upd in updates.items():
-                idx = running.get(rid)
-                if idx is None:
+            pieces = {}
+            for rid, idx in running.items():
+                if rid not in self.in_flight:
                     continue
-                ex = self.exchanges[rid]
-                piece = ex.render_error(self._timeout_error()) if upd.finish_reason == "cancelled" else ex.render(upd)
-                context.set_response_content_type(idx, ex.content_type)
-                if ex.failed_status:
-                    context.set_response_status(ex.failed_status, HTTPStatus(ex.failed_status).phrase, idx)
-                if upd.finished:
-                    del self.exchanges[rid]
-                if ex.stream:
+                stream = self.in_flight[rid].exchange.stream
+                piece, done = self._advance(rid, updates.get(rid), context, idx)
+                if stream:
                     # Send now, even the last piece: the HTTP response closes when the batch ends.
                     if piece:
-                        partial[idx] = piece
-                elif upd.finished:
+                        pieces[idx] = piece
+                elif done:
                     outputs[idx] = piece
-            if partial:
-                send_intermediate_predict_response(
-                    partial, {i: ids[i] for i in partial}, "Intermediate response", 200, context)
+            if pieces:
+                self.send_intermediate(pieces, {i: ids[i] for i in pieces}, "Intermediate response", 200, context)
         return [outputs[i] for i in range(len(data))]
 
     # ---- per request ------------------------------------------------------------------
@@ -202,50 +151,67 @@ class LlamaHandler:
         try:
             route = self._route(context.get_request_header(idx, "url_path"))
             if route == "models":
-                context.set_response_content_type(idx, "application/json")
+                _set_headers(context, idx, "application/json")
                 return json.dumps(self.models_list())
             body = request_data.get("body", request_data.get("data")) if isinstance(request_data, dict) else request_data
             if body is None:
                 raise ApiError("request body is empty; send a JSON object with `messages` or `prompt`")
             request = parse_request(body, route)
-            max_tokens = request.max_tokens or self.default_max_tokens
-            if max_tokens >= self.engine.n_ctx_seq:
-                raise ApiError(f"max_tokens: {max_tokens} is more than the context allows "
-                               f"(context length {self.engine.n_ctx_seq}, max_tokens must be below it)",
-                               param="max_tokens")
-            n_fit = self.engine.n_ctx_seq - max_tokens
-            dropped = 0
+            generation = request.to_generation_request(self.settings)
+            generation.prompt_tokens, dropped = self._fit_prompt(request, generation.max_tokens)
+            handle = self.engine.submit(rid, generation)
+        except Exception as e:  # the worker must outlive any single request
+            error = api_error(e)
+            if error.status >= 500:
+                logger.exception("request %s failed", rid)
+            _set_headers(context, idx, "application/json", error.status)
+            return error.to_json()
+        exchange = Exchange(request, route, self.model_name, dropped, self.engine.n_ctx_seq)
+        self.in_flight[rid] = _InFlight(handle, exchange)
+        return None
+
+    def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> tuple[list[int], int]:
+        """The prompt's tokens, leaving max_tokens of the context for the answer, and how
+        many earlier messages of a chat were left out to fit (a rolling window)."""
+        n_ctx = self.engine.n_ctx_seq
+        if max_tokens >= n_ctx:
+            raise ApiError(f"max_tokens: {max_tokens} is more than the context allows "
+                           f"(context length {n_ctx}, max_tokens must be below it)", param="max_tokens")
+        n_fit = n_ctx - max_tokens
+        try:
             if isinstance(request, ChatCompletionRequest):
                 fitted = self.prompter.fit([m.as_template_dict() for m in request.messages], n_fit)
-                tokens, dropped = fitted.tokens, fitted.messages_dropped
-            else:
-                tokens = self.engine.tokenize(request.prompt, add_special=True, parse_special=False)
-                if len(tokens) > n_fit:
-                    raise PromptTooLong(len(tokens), n_fit)
-            self.engine.submit(rid, GenerationRequest(
-                prompt_tokens=tokens, max_tokens=max_tokens,
-                sampling=sampling_params(request, self.sampling_defaults), stop=request.stop_list,
-                ignore_eos=request.ignore_eos))
-            self.exchanges[rid] = Exchange(rid, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
-            return None
+                return fitted.tokens, fitted.messages_dropped
+            tokens = self.engine.tokenize(request.prompt, add_special=True, parse_special=False)
+            if len(tokens) > n_fit:
+                raise PromptTooLong(len(tokens), n_fit)
+            return tokens, 0
         except (ContextOverflow, PromptTooLong) as e:
-            err = ApiError(f"{e} (max_tokens {request.max_tokens or self.default_max_tokens} is reserved "
-                           f"for the answer; context length {self.engine.n_ctx_seq})", param="messages")
-        except ApiError as e:
-            err = e
-        except Exception as e:  # the worker must outlive any single request
-            logger.exception("request %s failed", rid)
-            err = ApiError(f"internal error: {type(e).__name__}", status=500, type="server_error")
-        context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
-        context.set_response_content_type(idx, "application/json")
-        return err.to_json()
+            e.add_note(f"max_tokens {max_tokens} is reserved for the answer; context length {n_ctx}")
+            raise
 
-    def _timed_out(self, ex: Exchange) -> bool:
-        return time.monotonic() - ex.started_at > self.request_timeout_s
+    def _run_engine(self) -> dict[str, Update]:
+        updates = self.engine.run(self.step_budget_s)
+        for upd in updates.values():
+            if upd.finished:
+                self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
+                self.finished_since_report = True
+        return updates
 
-    def _timeout_error(self) -> ApiError:
-        return ApiError(f"the request ran longer than the response timeout ({self.request_timeout_s:.0f} s) "
-                        "and was stopped", status=504, type="timeout")
+    def _advance(self, rid, upd: Update | None, context, idx) -> tuple[str, bool]:
+        """The next output of a request in flight, and whether it is its last. A request
+        past its time limit is cancelled and answered with a timeout error."""
+        flight = self.in_flight[rid]
+        done = upd is not None and upd.finished
+        if not done and time.monotonic() - flight.started_at > self.request_timeout_s:
+            flight.handle.cancel()
+            output, done = flight.exchange.render_error(api_error(RequestTimedOut(self.request_timeout_s))), True
+        else:
+            output = flight.exchange.render(upd)
+        if done:
+            del self.in_flight[rid]
+        _set_headers(context, idx, flight.exchange.content_type, flight.exchange.status)
+        return output, done
 
     def _route(self, url_path) -> str:
         path = (url_path or "").strip("/")
@@ -257,3 +223,9 @@ class LlamaHandler:
     def models_list(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                              "created": int(time.time()), "owned_by": "local"}]}
+
+
+def _set_headers(context, idx: int, content_type: str, status: int = 200) -> None:
+    context.set_response_content_type(idx, content_type)
+    if status != 200:
+        context.set_response_status(status, HTTPStatus(status).phrase, idx)

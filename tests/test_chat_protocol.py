@@ -1,20 +1,35 @@
-"""Request parsing and sampling defaults, without a server."""
+"""Request parsing and the engine request made from it, without a server."""
 
 from __future__ import annotations
 
 import pytest
 
-from chat_protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_request, sampling_params
+from chat_protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_request
+from llama_settings import HandlerSettings
 
 USER = [{"role": "user", "content": "hi"}]
+SERVER = HandlerSettings(max_tokens=100, sampling={"temperature": 0.9, "top_k": 7, "penalty_last_n": 32})
 
 
 def test_request_value_beats_server_default_beats_built_in():
     request = parse_request({"messages": USER, "temperature": 0.2}, "chat")
-    params = sampling_params(request, {"temperature": 0.9, "top_k": 7})
+    params = request.to_generation_request(SERVER).sampling
     assert params.temperature == 0.2      # the request's
     assert params.top_k == 7              # the server's
     assert params.top_p == 0.95           # llama.cpp's usual default, built in
+    assert params.penalty_last_n == 32 and params.seed is None
+
+
+@pytest.mark.parametrize("body, max_tokens", [({}, 100), ({"max_tokens": 5}, 5), ({"max_completion_tokens": 6}, 6)])
+def test_max_tokens_is_the_requests_else_the_servers(body, max_tokens):
+    request = parse_request({"prompt": "Once", **body}, "completion")
+    assert request.to_generation_request(SERVER).max_tokens == max_tokens
+
+
+def test_stop_and_ignore_eos_reach_the_engine_and_the_prompt_is_left_to_fit():
+    generation = parse_request({"prompt": "x", "stop": "END", "ignore_eos": True}, "completion") \
+        .to_generation_request(SERVER)
+    assert (generation.stop, generation.ignore_eos, generation.prompt_tokens) == (["END"], True, [])
 
 
 def test_bare_route_picks_chat_or_completion_from_the_body():
@@ -39,7 +54,3 @@ def test_unknown_openai_fields_are_ignored_not_refused():
     request = parse_request({"messages": USER, "n": 1, "user": "me", "stream_options": {"include_usage": True}},
                             "chat")
     assert request.messages[0].content == "hi"
-
-
-def test_single_stop_string_becomes_a_list():
-    assert parse_request({"prompt": "x", "stop": "END"}, "completion").stop_list == ["END"]

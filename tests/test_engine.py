@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+import llama_engine
 from chat_prompt import ChatPrompter
 from llama_engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, EngineConfig, GenerationRequest,
-                          SamplingParams, StopStringMatcher)
+                          SamplingParams, SlotState, StopStringMatcher)
+from llama_settings import HandlerSettings, engine_config
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 10.",
            "Name three colors.", "What is 2+2?", "Tell me a joke.", "Who wrote Hamlet?", "Describe a cat."]
 
 
+def config(**handler_settings) -> EngineConfig:
+    """model-config.yaml's defaults with these `handler:` values, 2 threads."""
+    return engine_config(HandlerSettings(**{"n_threads": 2, "max_tokens": 64, **handler_settings}),
+                         batch_size=1, n_workers=1, gpu_id=None)
+
+
 @pytest.fixture(scope="module")
 def engine(default_gguf):
-    eng = Engine(str(default_gguf), EngineConfig(n_slots=8, n_ctx_per_slot=1024, n_threads=2))
+    eng = Engine(str(default_gguf), config(n_slots=8, n_ctx=1024))
     yield eng
     eng.close()
 
@@ -48,23 +57,19 @@ def run_all(engine, requests: dict[str, GenerationRequest], on_step=None):
     return {rid: (texts[rid], finals[rid]) for rid in finals}, order
 
 
-def forget_cache(engine):
-    for slot in engine.slots:
-        engine._forget_cache(slot)
-
-
 def test_eight_prompts_decoded_together_equal_each_decoded_alone(engine, prompter):
     alone = {}
     for i, p in enumerate(PROMPTS):
-        forget_cache(engine)
+        engine.clear_cache()
         out, _ = run_all(engine, {f"alone{i}": GenerationRequest(chat_tokens(prompter, p), 48, GREEDY)})
         alone[i] = out[f"alone{i}"][0]
-    forget_cache(engine)
-    before = engine.stats.max_sequences_per_decode
+    engine.clear_cache()
+    busy = []
     together, _ = run_all(engine, {f"t{i}": GenerationRequest(chat_tokens(prompter, p), 48, GREEDY)
-                                   for i, p in enumerate(PROMPTS)})
+                                   for i, p in enumerate(PROMPTS)},
+                          on_step=lambda step, texts: busy.append(engine.stats.slots_active))
     assert [together[f"t{i}"][0] for i in range(8)] == [alone[i] for i in range(8)]
-    assert engine.stats.max_sequences_per_decode == 8 or before == 8
+    assert max(busy) == 8
 
 
 def test_engine_batches_several_sequences_per_decode(engine, prompter):
@@ -107,24 +112,61 @@ def test_second_turn_reads_only_its_new_message_when_answers_are_cached(engine, 
     assert out["t2"][1].cached_tokens >= len(prompter.tokens(turn1)) + final.completion_tokens - 2
 
 
-def test_without_cache_answers_a_slot_keeps_only_the_prompt(default_gguf, prompter):
-    eng = Engine(str(default_gguf), EngineConfig(n_slots=2, n_ctx_per_slot=512, n_threads=2, cache_answers=False))
+def test_without_cache_answers_a_slot_keeps_only_the_prompt_and_reuses_whole_chunks_of_it(default_gguf, prompter):
+    eng = Engine(str(default_gguf), config(n_slots=2, n_ctx=512, prefill_chunk=16, cache_answers=False))
     try:
         turn1 = [{"role": "user", "content": "My name is Grace. Remember it."}]
         out, _ = run_all(eng, {"t1": GenerationRequest(prompter.tokens(turn1), 24, GREEDY)})
+        assert [s.cached for s in eng.slots if s.cached] == [prompter.tokens(turn1)]
         turn2 = turn1 + [{"role": "assistant", "content": out["t1"][0]}, {"role": "user", "content": "My name?"}]
         out, _ = run_all(eng, {"t2": GenerationRequest(prompter.tokens(turn2), 8, GREEDY)})
-        assert out["t2"][1].cached_tokens == len(prompter.tokens(turn1))
+        n_turn1 = len(prompter.tokens(turn1))
+        assert out["t2"][1].cached_tokens == n_turn1 - n_turn1 % 16
+    finally:
+        eng.close()
+
+
+def test_without_cache_answers_a_prompt_reads_the_same_from_a_cold_slot_and_after_a_cached_prefix(
+        default_gguf, prompter, monkeypatch):
+    """What lets replicas answer alike (deploy/README.md): the KV of a prompt does not depend on
+    how much of it a slot held before, since it is read in chunks at fixed positions."""
+    eng = Engine(str(default_gguf), config(n_slots=1, n_ctx=512, n_batch=64, prefill_chunk=16, cache_answers=False))
+    first_logits = []
+    get_logits = llama_engine.llama_cpp.llama_get_logits_ith
+
+    def keep_a_copy(ctx, i):
+        pointer = get_logits(ctx, i)
+        first_logits.append(np.ctypeslib.as_array(pointer, shape=(eng.n_vocab,)).copy())
+        return pointer
+
+    monkeypatch.setattr(llama_engine.llama_cpp, "llama_get_logits_ith", keep_a_copy)
+    prompt = chat_tokens(prompter, "Describe, in a few sentences, a walk along a river on a cold morning, "
+                                   "with the birds, the mist over the water and the town waking up.")
+    assert len(prompt) > 3 * 16
+
+    def read(rid):
+        first_logits.clear()
+        out, _ = run_all(eng, {rid: GenerationRequest(prompt, 32, GREEDY, ignore_eos=True)})
+        return out[rid], first_logits[0]
+
+    try:
+        (cold, cold_final), cold_logits = read("cold")
+        eng.clear_cache()
+        run_all(eng, {"prefix": GenerationRequest(prompt[:37], 1, GREEDY)})
+        (warm, warm_final), warm_logits = read("warm")
+        assert (cold_final.cached_tokens, warm_final.cached_tokens) == (0, 32)   # whole chunks of the 37
+        assert np.array_equal(cold_logits, warm_logits)
+        assert warm == cold and warm_final.completion_tokens == 32
     finally:
         eng.close()
 
 
 def test_greedy_argmax_picks_the_tokens_llama_cpps_greedy_sampler_picks(engine, prompter, monkeypatch):
     prompt = chat_tokens(prompter, "Describe a rainy day in a small town.")
-    forget_cache(engine)
+    engine.clear_cache()
     fast, _ = run_all(engine, {"fast": GenerationRequest(prompt, 40, GREEDY)})
     monkeypatch.setattr(SamplingParams, "is_plain_greedy", property(lambda self: False))
-    forget_cache(engine)
+    engine.clear_cache()
     chain, _ = run_all(engine, {"chain": GenerationRequest(prompt, 40, GREEDY)})
     assert fast["fast"][0] == chain["chain"][0] and fast["fast"][1].completion_tokens == 40
 
@@ -139,15 +181,28 @@ def test_run_returns_when_a_request_gets_its_first_token_however_large_the_budge
     engine.step()
 
 
+def test_a_slot_reads_the_prompt_then_generates_then_is_idle(engine, prompter):
+    engine.clear_cache()
+    engine.submit("s", GenerationRequest(chat_tokens(prompter, "Say hi. " * 100), 3, GREEDY))
+    states = []
+    while engine.is_busy():
+        engine.step()
+        states.append(engine.slots[0].state)
+    assert states[0] == SlotState.READING_PROMPT     # a prompt longer than one prefill chunk
+    assert states[-3:] == [SlotState.GENERATING, SlotState.GENERATING, SlotState.IDLE]
+
+
 def test_cancelled_request_frees_its_slot_at_the_next_step(engine, prompter):
-    engine.submit("gone", GenerationRequest(chat_tokens(prompter, "Tell me a very long story."), 500, GREEDY))
+    handle = engine.submit("gone", GenerationRequest(chat_tokens(prompter, "Tell me a very long story."), 500,
+                                                     GREEDY))
     for _ in range(3):
         engine.step()
-    assert engine.stats.slots_active == 1
-    engine.cancel("gone")
+    assert engine.stats.slots_active == 1 and handle.id == "gone"
+    handle.cancel()
     updates = engine.step()
     assert updates["gone"].finished and updates["gone"].finish_reason == FINISH_CANCELLED
     assert engine.stats.slots_active == 0 and not engine.is_busy()
+    assert all(slot.state is SlotState.IDLE for slot in engine.slots)
     out, _ = run_all(engine, {"next": GenerationRequest(chat_tokens(prompter, "Say hi."), 4, GREEDY)})
     assert out["next"][0]
 
@@ -200,9 +255,14 @@ def test_multibyte_text_streams_intact(engine, prompt, expected):
 
 
 def test_prompt_longer_than_the_context_is_refused(engine):
-    with pytest.raises(ValueError, match="tokens but at most"):
+    with pytest.raises(ValueError, match="the prompt has 2000 tokens but at most 1023 fit"):
         engine.submit("big", GenerationRequest(list(range(100, 100 + 2000)), 8, GREEDY))
     assert not engine.is_busy()
+
+
+def test_more_slots_than_a_decode_batch_holds_is_a_configuration_error():
+    with pytest.raises(ValueError, match="raise n_batch or lower the slots"):
+        config(n_slots=600, n_batch=512)
 
 
 def test_over_long_conversation_keeps_system_prompt_and_newest_turns(prompter):

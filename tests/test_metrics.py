@@ -1,8 +1,23 @@
-"""The handler's own metrics reach TorchServe's Prometheus endpoint with plausible values."""
+"""The handler's own metrics: declared in metrics.yaml under the names the handler uses, and
+reaching TorchServe's Prometheus endpoint with plausible values."""
 
 from __future__ import annotations
 
 import requests
+import yaml
+
+import llama_metrics
+from conftest import ROOT
+
+# model metrics TorchServe itself reports for every model
+TORCHSERVE_MODEL_METRICS = {"HandlerTime", "PredictionTime"}
+
+
+def test_metrics_yaml_declares_exactly_the_handlers_metric_names():
+    declared = yaml.safe_load((ROOT / "metrics.yaml").read_text())["model_metrics"]
+    names = {kind: {m["name"] for m in declared.get(kind, [])} - TORCHSERVE_MODEL_METRICS
+             for kind in ("counter", "gauge", "histogram")}
+    assert names == {"counter": set(llama_metrics.COUNTERS), "gauge": set(llama_metrics.GAUGES), "histogram": set()}
 
 
 def samples(text, name, model="llama"):
