@@ -5,16 +5,20 @@ OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
 from __future__ import annotations
 
 import json
+import time
 
 from api_errors import ApiError, GenerationFailed, api_error
 from chat_protocol import ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage
-from llama_engine import Update
+from llama_engine import RequestHandle, Update
 
 
 class Exchange:
-    """One request's answer, rendered step by step in the format its route asks for."""
+    """One request's answer, rendered step by step in the format its route asks for, and
+    the engine's request it answers (`handle`, to cancel it)."""
 
-    def __init__(self, request, route, model_name, messages_dropped, n_ctx):
+    def __init__(self, handle: RequestHandle, request, route, model_name, messages_dropped, n_ctx):
+        self.handle = handle
+        self.started_at = time.monotonic()
         self.is_chat = isinstance(request, ChatCompletionRequest)
         self.sse = route in ("chat", "completion")
         self.stream = request.stream

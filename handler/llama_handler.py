@@ -6,6 +6,9 @@ Two batching modes, picked by `continuousBatching` in model-config.yaml:
   reported through `context.stopping_criteria`;
 - dynamic batching: the whole batch is generated together, streaming chunks go
   out with `send_intermediate_predict_response`.
+
+TorchServe takes the one class this module defines as the handler: other classes
+belong in the other modules.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from api_errors import ApiError, RequestTimedOut, api_error
 from chat_prompt import ChatPrompter, ContextOverflow
 from chat_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from chat_response import Exchange
-from llama_engine import Engine, PromptTooLong, RequestHandle, Update
+from llama_engine import Engine, PromptTooLong, Update
 from llama_metrics import MetricsReporter
 from llama_settings import engine_config, load_settings, request_timeout_s
 
@@ -37,21 +39,11 @@ def send_intermediate_predict_response(*args):
     return send(*args)
 
 
-@dataclass
-class _InFlight:
-    """A request the engine is working on."""
-
-    handle: RequestHandle
-    exchange: Exchange
-    started_at: float = field(default_factory=time.monotonic)
-
-
 class LlamaHandler:
     def __init__(self, make_engine=Engine, send_intermediate=send_intermediate_predict_response):
         # TorchServe calls LlamaHandler(); tests give a fake engine and catch intermediate responses.
         self.make_engine = make_engine
         self.send_intermediate = send_intermediate
-        self.initialized = False
 
     def initialize(self, context):
         model_config = context.model_yaml_config or {}
@@ -74,10 +66,9 @@ class LlamaHandler:
         )
         if self.prompter.uses_fallback_template:
             logger.warning("the GGUF has no tokenizer.chat_template; chat uses ChatML")
-        self.in_flight: dict[str, _InFlight] = {}
+        self.exchanges: dict[str, Exchange] = {}   # requests in the engine, by TorchServe's request id
         self.reporter = MetricsReporter(getattr(context, "metrics", None), self.model_name)
         self.finished_since_report = False
-        self.initialized = True
 
     # ---- TorchServe entry point ------------------------------------------------
 
@@ -97,9 +88,9 @@ class LlamaHandler:
         finished: dict[int, bool] = {}
         # Requests TorchServe no longer sends lost their client: free their slots, answer nobody.
         live = set(ids.values())
-        for rid in [r for r in self.in_flight if r not in live]:
-            self.in_flight.pop(rid).handle.cancel()
-        fresh = {rid for rid in live if rid not in self.in_flight}
+        for rid in [r for r in self.exchanges if r not in live]:
+            self.exchanges.pop(rid).handle.cancel()
+        fresh = {rid for rid in live if rid not in self.exchanges}
         for idx, rid in ids.items():
             if rid in fresh:
                 early = self._open(idx, rid, data[idx], context)
@@ -129,9 +120,9 @@ class LlamaHandler:
             updates = self._run_engine()
             pieces = {}
             for rid, idx in running.items():
-                if rid not in self.in_flight:
+                if rid not in self.exchanges:
                     continue
-                stream = self.in_flight[rid].exchange.stream
+                stream = self.exchanges[rid].stream
                 piece, done = self._advance(rid, updates.get(rid), context, idx)
                 if stream:
                     # Send now, even the last piece: the HTTP response closes when the batch ends.
@@ -166,8 +157,7 @@ class LlamaHandler:
                 logger.exception("request %s failed", rid)
             _set_headers(context, idx, "application/json", error.status)
             return error.to_json()
-        exchange = Exchange(request, route, self.model_name, dropped, self.engine.n_ctx_seq)
-        self.in_flight[rid] = _InFlight(handle, exchange)
+        self.exchanges[rid] = Exchange(handle, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
         return None
 
     def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> tuple[list[int], int]:
@@ -201,16 +191,16 @@ class LlamaHandler:
     def _advance(self, rid, upd: Update | None, context, idx) -> tuple[str, bool]:
         """The next output of a request in flight, and whether it is its last. A request
         past its time limit is cancelled and answered with a timeout error."""
-        flight = self.in_flight[rid]
+        ex = self.exchanges[rid]
         done = upd is not None and upd.finished
-        if not done and time.monotonic() - flight.started_at > self.request_timeout_s:
-            flight.handle.cancel()
-            output, done = flight.exchange.render_error(api_error(RequestTimedOut(self.request_timeout_s))), True
+        if not done and time.monotonic() - ex.started_at > self.request_timeout_s:
+            ex.handle.cancel()
+            output, done = ex.render_error(api_error(RequestTimedOut(self.request_timeout_s))), True
         else:
-            output = flight.exchange.render(upd)
+            output = ex.render(upd)
         if done:
-            del self.in_flight[rid]
-        _set_headers(context, idx, flight.exchange.content_type, flight.exchange.status)
+            del self.exchanges[rid]
+        _set_headers(context, idx, ex.content_type, ex.status)
         return output, done
 
     def _route(self, url_path) -> str:

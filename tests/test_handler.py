@@ -120,6 +120,12 @@ def chunks(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def test_torchserve_finds_exactly_one_handler_class_in_the_module():
+    from ts.utils.util import list_classes_from_module   # what TorchServe's model loader calls
+
+    assert list_classes_from_module(llama_handler) == [llama_handler.LlamaHandler]
+
+
 # ---- continuous batching --------------------------------------------------------------------
 
 def test_a_stream_gets_a_chunk_per_call_and_its_last_call_says_so(server):
@@ -133,7 +139,7 @@ def test_a_stream_gets_a_chunk_per_call_and_its_last_call_says_so(server):
     assert frames[0]["choices"][0]["delta"] == {"role": "assistant", "content": "w1 "}
     assert "".join(f["choices"][0]["delta"].get("content", "") for f in frames) == "w1 w2 w3 "
     assert frames[-1]["choices"][0]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 3
-    assert not server.handler.in_flight
+    assert not server.handler.exchanges
 
 
 def test_openai_route_streams_server_sent_events(server):
@@ -178,7 +184,7 @@ def test_a_client_that_left_is_cancelled_and_answered_nothing(server):
     server.call({"stays": {"messages": HI}, "leaves": {"messages": HI, "max_tokens": 50}})
     out = server.call({"stays": None})
     assert list(out) == ["stays"] and server.engine.cancelled == ["leaves"]
-    assert "leaves" not in server.handler.in_flight
+    assert "leaves" not in server.handler.exchanges
     server.call({"stays": None})   # the engine's cancelled update finds no one to answer
 
 
@@ -238,7 +244,7 @@ def test_dynamic_batch_streams_through_intermediate_responses_and_answers_the_re
     assert all(set(pieces) == {0} and ids == {0: "s"} for pieces, ids in classic.sent)
     assert "".join(f["choices"][0]["delta"].get("content", "") for p in streamed for f in chunks(p)) == "w1 w2 w3 "
     assert json.loads(out["p"]["output"])["choices"][0]["message"]["content"] == "w1 w2 w3 "
-    assert not classic.engine.is_busy() and not classic.handler.in_flight
+    assert not classic.engine.is_busy() and not classic.handler.exchanges
 
 
 def test_dynamic_batch_times_out_each_request_with_its_own_error(classic):
