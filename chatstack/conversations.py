@@ -12,9 +12,11 @@ import os
 import sqlite3
 import time
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from chatstack.usage import USAGE_FIELDS, Usage
 
 DEFAULT_TITLE = "New chat"
 TITLE_LENGTH = 48
@@ -25,6 +27,8 @@ TITLE_LENGTH = 48
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
 
 # AUTOINCREMENT: a deleted conversation's id (kept in old URLs) never names a new one.
+# A message's Usage is kept in columns of the same names (prompt_tokens ... tokens_per_second):
+# databases written by earlier versions of the app open unchanged.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -89,18 +93,15 @@ class Message:
     content: str
     status: str = COMPLETE
     model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    context_length: int | None = None
-    messages_dropped: int | None = None
-    tokens_per_second: float | None = None
+    usage: Usage = field(default_factory=Usage)  # an answer's; empty for the user's messages
     error: str | None = None
     created_at: float = 0.0
 
-
-ANSWER_FIELDS = ("status", "model", "prompt_tokens", "completion_tokens", "total_tokens", "context_length",
-                 "messages_dropped", "tokens_per_second", "error")
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Message":
+        columns = dict(row)
+        usage = Usage(**{name: columns.pop(name) for name in USAGE_FIELDS})
+        return cls(**columns, usage=usage)
 
 
 class ConversationStore:
@@ -155,32 +156,34 @@ class ConversationStore:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
                               (conversation_id,)).fetchall()
-        return [Message(**row) for row in rows]
+        return [Message.from_row(row) for row in rows]
 
     def add_user_message(self, conversation_id: int, content: str) -> Message:
         """Saved before the model is asked, so nothing typed is lost if the server fails."""
-        return self._add(conversation_id, "user", content, {})
+        return self._add(Message(0, conversation_id, "user", content))
 
-    def add_answer(self, conversation_id: int, content: str, **fields) -> Message:
-        unknown = set(fields) - set(ANSWER_FIELDS)
-        if unknown:
-            raise TypeError(f"unknown answer fields: {sorted(unknown)}")
-        return self._add(conversation_id, "assistant", content, fields)
+    def add_answer(self, conversation_id: int, content: str, *, status: str = COMPLETE, model: str | None = None,
+                   usage: Usage | None = None, error: str | None = None) -> Message:
+        return self._add(Message(0, conversation_id, "assistant", content, status=status, model=model,
+                                 usage=usage or Usage(), error=error))
 
-    def _add(self, conversation_id: int, role: str, content: str, fields: dict) -> Message:
-        now = time.time()
-        columns = ["conversation_id", "role", "content", "created_at", *fields]
-        values = [conversation_id, role, content, now, *fields.values()]
+    def _add(self, message: Message) -> Message:
+        """Insert a new message (its id and time are set here) and return it."""
+        message.created_at = time.time()
+        columns = {"conversation_id": message.conversation_id, "role": message.role, "content": message.content,
+                   "status": message.status, "model": message.model, **asdict(message.usage),
+                   "error": message.error, "created_at": message.created_at}
         with self._connect() as db:
             cur = db.execute(f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                             values)
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
-            if role == "user":
+                             list(columns.values()))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                       (message.created_at, message.conversation_id))
+            if message.role == "user":
                 # The first message names a conversation nobody has named yet.
                 db.execute("UPDATE conversations SET title = ? WHERE id = ? AND title = ?",
-                           (title_from(content), conversation_id, DEFAULT_TITLE))
-        return Message(cur.lastrowid, conversation_id, role, content, created_at=now,
-                       **{k: v for k, v in fields.items()})
+                           (title_from(message.content), message.conversation_id, DEFAULT_TITLE))
+        message.id = cur.lastrowid
+        return message
 
     def remove_last_answer(self, conversation_id: int) -> Message | None:
         """Remove the answer after the last user message (to regenerate or retry it); returns it."""
@@ -190,7 +193,7 @@ class ConversationStore:
             if row is None or row["role"] != "assistant":
                 return None
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
-        return Message(**row)
+        return Message.from_row(row)
 
     # ---- settings -------------------------------------------------------------------
 

@@ -3,16 +3,29 @@ serving the default model (the session `torchserve` fixture)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 from streamlit.testing.v1 import AppTest
 
-from chatstack import chat_session as chat
+from chatstack.chat_display import as_markdown
+from chatstack.chat_settings import ChatSettings, request_messages
 from chatstack.conversations import COMPLETE, STOPPED, ConversationStore
+from chatstack.process_stats import cpu_seconds
+from chatstack.reply_stream import Answer, Reply, stream_reply
+from chatstack.server_health import BAD_KEY, DOWN, LOADING, MISSING, READY, check_health
+from chatstack.server_settings import ServerSettings, available_models
 from chatstack.torchserve_client import Keys
-from conftest import ROOT, free_port
+from chatstack.usage import Usage
+from conftest import ROOT, free_port, start_server
 
 APP = str(ROOT / "client_app.py")
 
@@ -23,8 +36,10 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def app_env(torchserve, db_path, monkeypatch):
-    """The app's environment: the test TorchServe, its key file, a fresh database."""
+def app_env(torchserve, db_path, tmp_path, monkeypatch):
+    """The app's environment: the test TorchServe, its key file, a fresh database, and
+    an empty run folder (so a TorchServe this checkout started stays out of the tests)."""
+    monkeypatch.setenv("CHATSTACK_RUN_DIR", str(tmp_path / "no_run"))
     monkeypatch.setenv("TORCHSERVE_URL", torchserve.address("inference"))
     monkeypatch.setenv("TORCHSERVE_MANAGEMENT_URL", torchserve.address("management"))
     monkeypatch.setenv("TORCHSERVE_KEY_FILE", str(torchserve.key_file))
@@ -75,7 +90,7 @@ def test_a_message_gets_a_streamed_answer_that_is_saved(app_env, db_path):
     user, saved_answer = store.messages(conversation.id)
     assert (user.role, user.content) == ("user", "Name three colours.")
     assert (saved_answer.role, saved_answer.status) == ("assistant", COMPLETE)
-    assert chat.as_markdown(saved_answer.content) == answer
+    assert as_markdown(saved_answer.content) == answer
     # The copy control holds the answer's exact text.
     assert at.chat_message[1].code[0].value == saved_answer.content
     assert at.query_params["conversation"] == str(conversation.id)
@@ -88,11 +103,11 @@ def test_settings_reach_the_server_and_the_context_use_is_shown(app_env, db_path
     send(at, "Count from one to twenty in words.")
 
     [answer] = [m for m in ConversationStore(db_path).messages(1) if m.role == "assistant"]
-    assert answer.completion_tokens == 5  # max_tokens was applied
-    assert answer.context_length == 2048
+    assert answer.usage.completion_tokens == 5  # max_tokens was applied
+    assert answer.usage.context_length == 2048
     assert at.chat_message[1].caption[0].value.startswith("5 tokens")
-    progress_label = at.sidebar.get("progress")[0].proto.text
-    assert progress_label == f"Context: {answer.total_tokens:,} of 2,048 tokens ({answer.total_tokens / 2048:.0%})"
+    used = answer.usage.total_tokens
+    assert at.sidebar.get("progress")[0].proto.text == f"Context: {used:,} of 2,048 tokens ({used / 2048:.0%})"
 
 
 def test_a_reopened_page_shows_the_conversation_from_the_url(app_env, db_path):
@@ -101,7 +116,7 @@ def test_a_reopened_page_shows_the_conversation_from_the_url(app_env, db_path):
     store.add_user_message(older.id, "the older chat")
     chat_ = store.create()
     store.add_user_message(chat_.id, "hello again")
-    store.add_answer(chat_.id, "Hello! Welcome back.", completion_tokens=5, tokens_per_second=12.0)
+    store.add_answer(chat_.id, "Hello! Welcome back.", usage=Usage(completion_tokens=5, tokens_per_second=12.0))
 
     at = open_app(query={"conversation": str(chat_.id)})
     assert transcript(at) == [("user", "hello again"), ("assistant", "Hello! Welcome back.")]
@@ -138,7 +153,7 @@ def test_regenerate_replaces_the_last_answer(app_env, db_path):
     messages = store.messages(1)
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[-1].id > first_answer.id
-    assert transcript(at)[-1] == ("assistant", chat.as_markdown(messages[-1].content))
+    assert transcript(at)[-1] == ("assistant", as_markdown(messages[-1].content))
 
 
 def test_server_down_keeps_the_message_and_the_answer_can_be_retried(app_env, db_path, torchserve):
@@ -183,18 +198,118 @@ def test_context_use_and_dropped_messages_are_shown(app_env, db_path):
     chat_ = store.create()
     for turn in range(3):
         store.add_user_message(chat_.id, f"question {turn}")
-        store.add_answer(chat_.id, f"answer {turn}", total_tokens=1900 + turn, context_length=2048,
-                         messages_dropped=turn * 2)
+        store.add_answer(chat_.id, f"answer {turn}",
+                         usage=Usage(total_tokens=1900 + turn, context_length=2048, messages_dropped=turn * 2))
     at = open_app(query={"conversation": str(chat_.id)})
     assert at.sidebar.get("progress")[0].proto.text == "Context: 1,902 of 2,048 tokens (93%)"
     assert "the 4 oldest messages were left out" in texts(at.warning)
 
 
+def test_the_app_finds_the_server_and_key_this_install_started(torchserve, db_path, monkeypatch):
+    # As after `python -m chatstack start` or the console's Start: nothing configured but the run folder.
+    for name in [n for n in os.environ if n.startswith(("TORCHSERVE_", "CHATSTACK_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CHATSTACK_RUN_DIR", str(torchserve.run_dir))
+    monkeypatch.setenv("CHAT_DB_PATH", str(db_path))
+    at = open_app()
+    assert not at.error, texts(at.error)
+    assert f"Server {torchserve.address('inference')} · key from {torchserve.key_file}" in texts(at.sidebar.caption)
+    assert at.selectbox(key="model").options == ["llama"]  # the management key came from the key file too
+
+    send(at, "Say hello.")
+    assert not at.error, texts(at.error)
+    assert [m.status for m in ConversationStore(db_path).messages(1)] == ["complete", "complete"]
+
+
+def write_run_dir(run_dir: Path, inference: str, management: str, keys=("ik", "mk")) -> Path:
+    """A run folder as TorchServeProcess leaves it: the config it started with and TorchServe's key file."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.properties").write_text(f"inference_address={inference}\nmanagement_address={management}\n")
+    (run_dir / "key_file.json").write_text(json.dumps({
+        "inference": {"key": keys[0], "expiration time": "2099-01-01T00:00:00Z"},
+        "management": {"key": keys[1], "expiration time": "2099-01-01T00:00:00Z"},
+        "API": {"key": "api"}}))
+    return run_dir
+
+
+def test_server_settings_come_from_the_run_folder_unless_set(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", "http://0.0.0.0:9080", "http://127.0.0.1:9081")
+    found = ServerSettings.from_sources(env={"CHATSTACK_RUN_DIR": str(run_dir)})
+    assert (found.inference_url, found.management_url) == ("http://127.0.0.1:9080", "http://127.0.0.1:9081")
+    assert (found.inference_key, found.management_key) == ("ik", "mk")
+    assert found.describe() == f"Server http://127.0.0.1:9080 · key from {run_dir / 'key_file.json'}"
+    assert found.local.log_dir == run_dir / "logs"
+
+    # Environment variables (and secrets) win, and say so.
+    chosen = ServerSettings.from_sources(env={"CHATSTACK_RUN_DIR": str(run_dir), "TORCHSERVE_INFERENCE_KEY": "mine"})
+    assert (chosen.inference_key, chosen.key_source) == ("mine", "key from TORCHSERVE_INFERENCE_KEY")
+    other_file = write_run_dir(tmp_path / "other", "http://127.0.0.1:1", "http://127.0.0.1:2", keys=("k2", "m2"))
+    chosen = ServerSettings.from_sources(env={"CHATSTACK_RUN_DIR": str(run_dir)},
+                                         secrets={"TORCHSERVE_KEY_FILE": str(other_file / "key_file.json")})
+    assert chosen.inference_key == "k2"
+    assert chosen.key_source == f"key from {other_file / 'key_file.json'} (TORCHSERVE_KEY_FILE in secrets)"
+
+    # This install's keys never go to another server.
+    elsewhere = ServerSettings.from_sources(env={"CHATSTACK_RUN_DIR": str(run_dir),
+                                                 "TORCHSERVE_URL": "http://10.0.0.9:8080"})
+    assert (elsewhere.inference_key, elsewhere.management_key, elsewhere.local) == (None, None, None)
+    assert elsewhere.describe() == "Server http://10.0.0.9:8080 · no key"
+
+    # Never started: the addresses the console would start it on, and no key yet.
+    fresh = ServerSettings.from_sources(env={"CHATSTACK_RUN_DIR": str(tmp_path / "empty")})
+    assert (fresh.inference_url, fresh.inference_key) == ("http://127.0.0.1:8080", None)
+
+
+@pytest.fixture
+def crashing_torchserve(model_store, monkeypatch):
+    """A TorchServe of the test's own (its worker is killed) whose workers report a fatal
+    signal in the log, as Python's faulthandler does. Not pytest's tmp_path: a concurrent
+    pytest run may delete that under a live server."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    base = Path(tempfile.mkdtemp(prefix="chatstack-crash-"))
+    server = start_server(model_store, base / "run")
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def kill_once_generating(pid: int, sig: int, busy_cpu_s: float = 1.0, timeout_s: float = 120) -> None:
+    """Send `sig` to a worker once it has computed for `busy_cpu_s` (it is then answering)."""
+    start = cpu_seconds(pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and cpu_seconds(pid) - start < busy_cpu_s:
+        time.sleep(0.05)
+    os.kill(pid, sig)
+
+
+def test_a_worker_that_dies_mid_answer_is_explained_with_its_last_lines(crashing_torchserve, db_path, monkeypatch):
+    server = crashing_torchserve
+    for name in [n for n in os.environ if n.startswith(("TORCHSERVE_", "CHATSTACK_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CHATSTACK_RUN_DIR", str(server.run_dir))
+    monkeypatch.setenv("CHAT_DB_PATH", str(db_path))
+    at = open_app(max_tokens=1000)
+    [worker] = server.client().describe_model("llama")[0]["workers"]
+    killer = threading.Thread(target=kill_once_generating, args=(worker["pid"], signal.SIGSEGV))
+    killer.start()
+    send(at, "Tell a long story about a dragon who learns to fly.")
+    killer.join()
+
+    [expander] = [e for e in at.expander if e.label.startswith("A worker of llama died")]
+    assert expander.label.endswith("killed by signal 11 (SIGSEGV)") and "while serving" in expander.label
+    last_lines = expander.code[0].value
+    assert "Segmentation fault" in last_lines, last_lines
+    # The question is kept for a retry, with what was written before the worker died.
+    assert any(b.label == "Retry" for b in at.button)
+    saved = [(m.role, m.status) for m in ConversationStore(db_path).messages(1)]
+    assert saved in ([("user", "complete")], [("user", "complete"), ("assistant", "failed")])
+
+
 # ---- the logic under the app, on its own ----------------------------------------------
 
 @pytest.fixture
-def server_settings(torchserve) -> chat.ServerSettings:
-    return chat.ServerSettings.from_sources(env={
+def server_settings(torchserve) -> ServerSettings:
+    return ServerSettings.from_sources(env={
         "TORCHSERVE_URL": torchserve.address("inference"),
         "TORCHSERVE_MANAGEMENT_URL": torchserve.address("management"),
         "TORCHSERVE_KEY_FILE": str(torchserve.key_file)})
@@ -204,40 +319,40 @@ def test_stopping_part_way_keeps_what_was_written(server_settings, tmp_path):
     store = ConversationStore(tmp_path / "chat.db")
     conversation = store.create()
     store.add_user_message(conversation.id, "Tell a long story about a dragon.")
-    settings = chat.ChatSettings(max_tokens=400, temperature=0.0)
-    messages = chat.request_messages(settings.system_prompt, store.messages(conversation.id))
+    settings = ChatSettings(max_tokens=400, temperature=0.0)
+    messages = request_messages(settings.system_prompt, store.messages(conversation.id))
 
     # Streamlit ends a script run by raising StopException at its next st.* call.
     with pytest.raises(StopException):
-        with chat.Answer(store, conversation.id, server_settings, settings, messages) as answer:
+        with Answer(store, conversation.id, server_settings, settings, messages) as answer:
             for n, _ in enumerate(answer.stream):
                 if n == 5:
                     raise StopException()
     assert answer.wait_until_saved(timeout=0)
     saved = store.messages(conversation.id)[-1]
     assert saved.status == STOPPED and saved.content == answer.reply.text and saved.content
-    assert saved.completion_tokens == 6 and not answer.reply.finished
+    assert saved.usage.completion_tokens == 6 and not answer.reply.finished
 
     # The connection was closed, so the slot is free and the next answer comes at once.
-    reply = chat.Reply(model="llama")
-    "".join(chat.stream_reply(server_settings, chat.ChatSettings(max_tokens=4), messages, reply))
+    reply = Reply(model="llama")
+    "".join(stream_reply(server_settings, ChatSettings(max_tokens=4), messages, reply))
     assert reply.finish_reason == "length"
 
 
 def test_health_check_says_ready_or_names_the_problem(server_settings):
-    assert chat.check_health(server_settings, "llama").state == chat.READY
-    assert chat.check_health(server_settings, "nope").state == chat.MISSING
-    wrong_key = chat.ServerSettings(server_settings.inference_url, inference_key="wrong")
-    assert chat.check_health(wrong_key, "llama").state == chat.BAD_KEY
-    nobody = chat.ServerSettings(f"http://127.0.0.1:{free_port()}")
-    assert chat.check_health(nobody, "llama").state == chat.DOWN
+    assert check_health(server_settings, "llama").state == READY
+    assert check_health(server_settings, "nope").state == MISSING
+    wrong_key = ServerSettings(server_settings.inference_url, inference_key="wrong")
+    assert check_health(wrong_key, "llama").state == BAD_KEY
+    nobody = ServerSettings(f"http://127.0.0.1:{free_port()}")
+    assert check_health(nobody, "llama").state == DOWN
 
 
 def test_models_come_from_the_server_or_the_configured_name(server_settings):
-    assert chat.available_models(server_settings) == ["llama"]
-    no_management = chat.ServerSettings(server_settings.inference_url, management_url=f"http://127.0.0.1:{free_port()}",
+    assert available_models(server_settings) == ["llama"]
+    no_management = ServerSettings(server_settings.inference_url, management_url=f"http://127.0.0.1:{free_port()}",
                                         management_key="k", default_model="mine")
-    assert chat.available_models(no_management) == ["mine"]
+    assert available_models(no_management) == ["mine"]
 
 
 def test_an_answer_waits_while_the_model_has_no_worker(server_settings, client):
@@ -250,21 +365,21 @@ def test_an_answer_waits_while_the_model_has_no_worker(server_settings, client):
             threading.Thread(target=client.scale, args=("llama", 1)).start()
 
     try:
-        assert chat.check_health(server_settings, "llama").state == chat.LOADING
-        reply = chat.Reply(model="llama")
-        text = "".join(chat.stream_reply(server_settings, chat.ChatSettings(max_tokens=4),
+        assert check_health(server_settings, "llama").state == LOADING
+        reply = Reply(model="llama")
+        text = "".join(stream_reply(server_settings, ChatSettings(max_tokens=4),
                                          [{"role": "user", "content": "hi"}], reply, on_wait=worker_back))
     finally:
         client.scale("llama", 1)
-    assert waits and set(waits) == {chat.LOADING}
+    assert waits and set(waits) == {LOADING}
     assert reply.finish_reason and text == reply.text
 
 
 def test_saved_settings_are_checked_before_use():
     saved = {"model": "gone", "system_prompt": "Be brief.", "temperature": 9, "top_p": "x", "max_tokens": 64.0}
-    settings = chat.ChatSettings.from_saved(saved, ["llama", "other"])
-    assert settings == chat.ChatSettings(model="llama", system_prompt="Be brief.", temperature=2.0, max_tokens=64)
-    assert chat.ChatSettings.from_saved({"model": "other"}, ["llama", "other"]).model == "other"
+    settings = ChatSettings.from_saved(saved, ["llama", "other"])
+    assert settings == ChatSettings(model="llama", system_prompt="Be brief.", temperature=2.0, max_tokens=64)
+    assert ChatSettings.from_saved({"model": "other"}, ["llama", "other"]).model == "other"
 
 
 def test_settings_last_across_page_loads(app_env, db_path):
@@ -276,6 +391,6 @@ def test_settings_last_across_page_loads(app_env, db_path):
 
 
 def test_single_line_breaks_survive_markdown_but_code_is_untouched():
-    assert chat.as_markdown("Roses are red,\nviolets blue.\n\nNew verse") == \
+    assert as_markdown("Roses are red,\nviolets blue.\n\nNew verse") == \
         "Roses are red,  \nviolets blue.\n\nNew verse"
-    assert chat.as_markdown("Run:\n```\na = 1\nb = 2\n```") == "Run:  \n```\na = 1\nb = 2\n```"
+    assert as_markdown("Run:\n```\na = 1\nb = 2\n```") == "Run:  \n```\na = 1\nb = 2\n```"

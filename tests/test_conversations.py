@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from chatstack.conversations import (
     COMPLETE, DEFAULT_TITLE, FAILED, STOPPED, ConversationStore, default_db_path, title_from,
 )
+from chatstack.usage import Usage
 
 
 @pytest.fixture
@@ -19,13 +21,14 @@ def store(tmp_path) -> ConversationStore:
 def test_messages_come_back_in_order_with_their_answer_details(store):
     chat = store.create()
     store.add_user_message(chat.id, "What is TorchServe?")
-    store.add_answer(chat.id, "A model server.", status=COMPLETE, model="llama", prompt_tokens=20,
-                     completion_tokens=5, total_tokens=25, context_length=2048, messages_dropped=0,
-                     tokens_per_second=41.5)
+    usage = Usage(prompt_tokens=20, completion_tokens=5, total_tokens=25, context_length=2048, messages_dropped=0,
+                  tokens_per_second=41.5)
+    saved = store.add_answer(chat.id, "A model server.", status=COMPLETE, model="llama", usage=usage)
     user, answer = store.messages(chat.id)
-    assert (user.role, user.content) == ("user", "What is TorchServe?")
+    assert (user.role, user.content, user.usage) == ("user", "What is TorchServe?", Usage())
     assert (answer.role, answer.content, answer.status, answer.model) == ("assistant", "A model server.", COMPLETE, "llama")
-    assert (answer.total_tokens, answer.context_length, answer.tokens_per_second) == (25, 2048, 41.5)
+    assert answer.usage == usage
+    assert answer == saved
 
 
 def test_conversations_survive_reopening_the_database(tmp_path):
@@ -119,3 +122,50 @@ def test_settings_are_kept_and_updated(tmp_path):
     ConversationStore(path).save_settings({"temperature": 0.2, "system_prompt": "Be brief."})
     ConversationStore(path).save_settings({"temperature": 0.3})
     assert ConversationStore(path).load_settings() == {"temperature": 0.3, "system_prompt": "Be brief."}
+
+
+# The database as the app wrote it before answers kept their figures in one Usage
+# (chatstack/conversations.py up to commit 9204513): the same tables, column by column.
+SCHEMA_BEFORE_USAGE = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete', model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+    total_tokens INTEGER, context_length INTEGER, messages_dropped INTEGER, tokens_per_second REAL, error TEXT,
+    created_at REAL NOT NULL);
+CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO conversations VALUES (7, 'Old chat', 1.0, 4.0);
+INSERT INTO messages (conversation_id, role, content, created_at) VALUES (7, 'user', 'Hello?', 2.0);
+INSERT INTO messages (conversation_id, role, content, status, model, prompt_tokens, completion_tokens, total_tokens,
+                      context_length, messages_dropped, tokens_per_second, error, created_at)
+    VALUES (7, 'assistant', 'Hi there.', 'complete', 'llama', 30, 4, 34, 2048, 0, 55.5, NULL, 3.0);
+INSERT INTO messages (conversation_id, role, content, status, model, completion_tokens, error, created_at)
+    VALUES (7, 'assistant', 'Half an', 'failed', 'llama', 2, 'the stream broke off', 4.0);
+INSERT INTO settings VALUES ('temperature', '0.2');
+"""
+
+
+def test_a_database_written_before_usage_opens_with_every_message(tmp_path):
+    path = tmp_path / "chat.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_BEFORE_USAGE)
+    store = ConversationStore(path)
+
+    [conversation] = store.list()
+    assert (conversation.id, conversation.title) == (7, "Old chat")
+    user, answer, broken = store.messages(7)
+    assert (user.role, user.content, user.usage) == ("user", "Hello?", Usage())
+    assert (answer.content, answer.status, answer.model) == ("Hi there.", COMPLETE, "llama")
+    assert answer.usage == Usage(prompt_tokens=30, completion_tokens=4, total_tokens=34, context_length=2048,
+                                 messages_dropped=0, tokens_per_second=55.5)
+    assert (broken.status, broken.error, broken.usage.completion_tokens) == (FAILED, "the stream broke off", 2)
+    assert store.load_settings() == {"temperature": 0.2}
+
+    # And it goes on working: new answers are kept beside the old ones.
+    assert store.remove_last_answer(7).content == "Half an"
+    store.add_answer(7, "Hello!", usage=Usage(completion_tokens=2))
+    assert [m.content for m in ConversationStore(path).messages(7)] == ["Hello?", "Hi there.", "Hello!"]
