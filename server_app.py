@@ -11,12 +11,12 @@ from console_pages.shared import console_process, show_outcome
 st.set_page_config(page_title="TorchServe admin console", page_icon="🛠️", layout="wide")
 
 navigation = st.navigation([
-    st.Page("console_pages/server.py", title="Server", icon="🖥️", default=True),
-    st.Page("console_pages/models.py", title="Models", icon="📦"),
-    st.Page("console_pages/tuning.py", title="Tuning", icon="🎚️"),
-    st.Page("console_pages/status.py", title="Status", icon="🩺"),
-    st.Page("console_pages/metrics.py", title="Metrics", icon="📈"),
-    st.Page("console_pages/security.py", title="Security", icon="🔑"),
+    st.Page("console_pages/server.py", title="Server", icon=":material/dns:", default=True),
+    st.Page("console_pages/models.py", title="Models", icon=":material/inventory_2:"),
+    st.Page("console_pages/tuning.py", title="Tuning", icon=":material/tune:"),
+    st.Page("console_pages/status.py", title="Status", icon=":material/monitor_heart:"),
+    st.Page("console_pages/metrics.py", title="Metrics", icon=":material/monitoring:"),
+    st.Page("console_pages/security.py", title="Security", icon=":material/key:"),
 ])
 process = console_process()
 
