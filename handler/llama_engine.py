@@ -86,6 +86,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
+    grammar: str | None = None       # GBNF the answer must follow (structured output, tool calls)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> bias added to its logit
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -500,11 +502,7 @@ class Engine:
 
     def _sample(self, slot: _Slot, logits_index: int, updates):
         active = slot.active
-        if active.sampler is None:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-            token = int(logits.argmax())
-        else:
-            token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        token = self._choose_token(active, logits_index)
         first = active.first_token_at is None
         if first:
             active.first_token_at = time.monotonic()
@@ -526,6 +524,13 @@ class Engine:
         slot.state = SlotState.GENERATING
         active.next_token = token
         updates[active.id] = self._update(active, text, first_token=first)
+
+    def _choose_token(self, active: _Active, logits_index: int) -> int:
+        """The next token of one sequence, from the logits at `logits_index` of the last decode."""
+        if active.sampler is None:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
+            return int(logits.argmax())
+        return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
 
     def _update(self, active: _Active, text: str, **kw) -> Update:
         ttft = None
