@@ -1,9 +1,13 @@
-"""OpenAI-shaped request and response objects, and the 400s for bad input.
+"""OpenAI-shaped requests, and the 400s for bad input.
 
-Fields follow the order of the OpenAI API reference; llama.cpp extras (top_k,
-min_p, repeat_penalty) come after. Every validation failure becomes an
-`ApiError` whose JSON names the offending parameter. `to_generation_request`
-turns a request into the engine's.
+Fields follow the order of the OpenAI API reference; llama.cpp extras (top_k, min_p,
+repeat_penalty, ignore_eos) come after. A field this server does not serve is refused
+by name (`UNSUPPORTED` says why), never ignored: every model forbids unknown fields.
+Every validation failure becomes an `ApiError` whose JSON names the offending
+parameter. `to_generation_request` turns a request into the engine's.
+
+Message text is taken as sent, control characters included; only what cannot reach
+the tokenizer is changed (`clean_text`).
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
-import uuid
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,37 +28,86 @@ if TYPE_CHECKING:
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 4096
-# C0 control characters other than tab, newline and carriage return.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
+
+# OpenAI parameters this server does not serve, and why: a request with one is a 400 naming it.
+UNSUPPORTED = {
+    "audio": "is not supported: this server answers in text",
+    "prediction": "is not supported (predicted outputs)",
+    "web_search_options": "is not supported: there is no web search",
+    "functions": "is not supported (deprecated by OpenAI)",
+    "function_call": "is not supported (deprecated by OpenAI)",
+    "service_tier": "is not supported: there is one tier",
+    "reasoning_effort": "is not supported",
+    "verbosity": "is not supported",
+    "response_format": "is not supported yet",
+    "tools": "is not supported yet",
+    "tool_choice": "is not supported yet",
+    "parallel_tool_calls": "is not supported yet",
+    "logit_bias": "is not supported yet",
+    "top_logprobs": "is not supported yet",
+    "best_of": "is not supported",
+    "echo": "is not supported",
+    "suffix": "is not supported (fill-in-the-middle)",
+    "tool_calls": "is not supported yet",
+    "tool_call_id": "is not supported yet",
+}
+# Content parts other than text, and why they are refused.
+UNSUPPORTED_PARTS = {
+    "image_url": "image input is not supported: this model reads text only",
+    "input_audio": "audio input is not supported: this model reads text only",
+    "file": "file input is not supported: send the file's text as a text part",
+}
+
+# UTF-16 surrogates (from JSON "\ud800" escapes) cannot be encoded as UTF-8; NUL is dropped.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+def clean_text(value: str) -> str:
+    """Text as the tokenizer can take it: every character is kept, control characters
+    included, except NUL (dropped: C strings inside llama.cpp and some tokenizers end
+    or fail at it) and lone UTF-16 surrogates (not encodable as UTF-8; each becomes U+FFFD)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return _SURROGATES.sub("\ufffd", value)
 
 
 def _first_set(*values):
     return next((v for v in values if v is not None), None)
 
 
-def _check_text(value: str, what: str) -> str:
-    if _CONTROL_CHARS.search(value):
-        raise ValueError(f"{what} contains control characters (only tab, newline and carriage return are allowed)")
-    return value
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(UNSUPPORTED_PARTS.get(kind, f"content parts of type {kind!r} are not supported"))
+        return data
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    @field_validator("text")
+    @classmethod
+    def _clean(cls, v):
+        return clean_text(v)
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
+    name: str | None = None          # OpenAI's participant name: accepted, not shown to the model
 
     @field_validator("content")
     @classmethod
-    def _no_control_chars(cls, v):
-        return _check_text(v if isinstance(v, str) else "".join(p.text for p in v), "message content")
+    def _clean(cls, v):
+        return clean_text(v) if isinstance(v, str) else v
 
     @property
     def text(self) -> str:
@@ -68,21 +119,31 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": self.text}
 
 
-class SamplingFields(BaseModel):
+class StreamOptions(_Strict):
+    include_usage: bool | None = None    # usage always comes in a stream's last chunk
+
+
+class SamplingFields(_Strict):
     """Options shared by chat and plain completions. None means: the server default."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-
-    model: str | None = None
+    model: str | None = None             # the URL picks the model; any name is accepted
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    logprobs: Any = None                 # per route: a bool for chat, an int for plain completions
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    metadata: dict[str, str] | None = None   # accepted, not used
+    n: int | None = None
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    prompt_cache_key: str | None = None   # accepted, not used: slots share prefixes by themselves
+    safety_identifier: str | None = None  # accepted, not used
     seed: Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)] = None
     stop: str | list[str] | None = None
+    store: bool | None = None             # nothing is stored: only false is accepted
     stream: bool = False
+    stream_options: StreamOptions | None = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    user: str | None = None               # accepted, not used
     # llama.cpp extras
     top_k: Annotated[int | None, Field(ge=0, le=100_000)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
@@ -100,8 +161,21 @@ class SamplingFields(BaseModel):
         for s in stops:
             if len(s) > MAX_STOP_LENGTH:
                 raise ValueError(f"a stop string may have at most {MAX_STOP_LENGTH} characters")
-            _check_text(s, "stop string")
-        return stops
+        return [clean_text(s) for s in stops]
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v):
+        if v not in (None, 1):
+            raise ValueError("only 1 choice per request is supported yet")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, v):
+        if v:
+            raise ValueError("stored completions are not supported: nothing is stored")
+        return v
 
     @model_validator(mode="after")
     def _one_max_tokens(self):
@@ -126,6 +200,13 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v not in (None, False):
+            raise ValueError("logprobs are not supported yet")
+        return v
+
 
 class CompletionRequest(SamplingFields):
     prompt: str
@@ -135,18 +216,32 @@ class CompletionRequest(SamplingFields):
     def _prompt_text(cls, v):
         if not v:
             raise ValueError("prompt is empty")
-        return _check_text(v, "prompt")
+        return clean_text(v)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v is not None:
+            raise ValueError("logprobs are not supported yet")
+        return v
+
+
+_UNION_TAGS = ("str", "int", "float", "bool", "TextPart", "dict[str,str]", "StreamOptions")
 
 
 def _first_error(exc: ValidationError) -> ApiError:
-    err = exc.errors()[0]
+    # The most specific error: where content may be a string or a list of parts, the one about the part.
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
     # Union members show up in `loc` as type tags ('str', 'list[TextPart]'); they are not parameter names.
     loc = [str(p) for p in err["loc"]
-           if str(p) not in ("str", "int", "float", "bool", "TextPart") and not str(p).startswith(("list[", "function-"))]
+           if str(p) not in _UNION_TAGS and not str(p).startswith(("list[", "function-", "literal["))]
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         msg = "is required"
+    elif err["type"] == "extra_forbidden":
+        name = loc[-1] if loc else ""
+        msg = UNSUPPORTED.get(name, "is not a parameter this server knows (see the README's list of supported fields)")
     return ApiError(f"{param}: {msg}" if param else msg, param=param)
 
 
@@ -200,57 +295,3 @@ def parse_request(body: Any, route: str) -> ChatCompletionRequest | CompletionRe
         return cls.model_validate(data)
     except ValidationError as e:
         raise _first_error(e) from None
-
-
-# ---- responses ---------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def chat_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
-    return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason}],
-        "usage": usage_, **extra,
-    }
-
-
-def chat_chunk(rid, model, text, finish_reason=None, usage_=None, extra=None, first=False) -> dict:
-    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-    chunk = {
-        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    if extra:
-        chunk.update(extra)
-    return chunk
-
-
-def text_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
-    out = {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-    }
-    if usage_ is not None:
-        out["usage"] = usage_
-    if extra:
-        out.update(extra)
-    return out
-
-
-def sse(obj: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"

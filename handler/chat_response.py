@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 from api_errors import ApiError, GenerationFailed, api_error
-from chat_protocol import ChatCompletionRequest, chat_chunk, chat_completion, new_id, sse, text_completion, usage
+from chat_protocol import ChatCompletionRequest
 from llama_engine import RequestHandle, Update
 
 
@@ -77,3 +78,57 @@ class Exchange:
 
     def _frame(self, obj) -> str:
         return sse(obj) if self.sse else json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+# ---- response objects -------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def chat_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason}],
+        "usage": usage_, **extra,
+    }
+
+
+def chat_chunk(rid, model, text, finish_reason=None, usage_=None, extra=None, first=False) -> dict:
+    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    chunk = {
+        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage_ is not None:
+        chunk["usage"] = usage_
+    if extra:
+        chunk.update(extra)
+    return chunk
+
+
+def text_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
+    out = {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if usage_ is not None:
+        out["usage"] = usage_
+    if extra:
+        out.update(extra)
+    return out
+
+
+def sse(obj: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -34,7 +34,10 @@ BAD_BODIES = {
     "nan_temperature": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
     "infinite_top_p": (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', "top_p"),
     "invalid_utf8": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "UTF-8"),
-    "control_characters": ({"messages": [{"role": "user", "content": "hi\x00\x07there"}]}, "control characters"),
+    "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   "image input is not supported"),
+    "unsupported_field": ({"messages": USER, "audio": {"voice": "alloy"}}, "audio: is not supported"),
+    "unknown_field": ({"messages": USER, "temprature": 0.5}, "temprature: is not a parameter"),
     "deeply_nested": (b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
     "huge_seed": ({"messages": USER, "seed": 10**30}, "seed"),
     "empty_prompt": ({"prompt": ""}, "prompt"),
@@ -60,6 +63,14 @@ def test_bad_input_gets_400_naming_the_problem_and_next_request_is_served(torchs
     follow_up = send(torchserve, OK)
     assert follow_up.status_code == 200
     assert follow_up.json()["choices"][0]["message"]["content"]
+
+
+def test_control_characters_in_a_message_are_served(torchserve):
+    # a pasted terminal log: bell, ANSI colours, NUL (dropped), a lone surrogate (becomes U+FFFD)
+    text = "Summarize this log: \x1b[31mERROR\x1b[0m disk full\x07\x00 \ud800"
+    resp = send(torchserve, {"messages": [{"role": "user", "content": text}], "max_tokens": 4})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"]
 
 
 def test_unknown_url_path_gets_400(torchserve):

@@ -50,7 +50,42 @@ def test_content_parts_are_joined_and_developer_is_a_system_message():
     assert request.messages[0].as_template_dict() == {"role": "system", "content": "Be brief"}
 
 
-def test_unknown_openai_fields_are_ignored_not_refused():
-    request = parse_request({"messages": USER, "n": 1, "user": "me", "stream_options": {"include_usage": True}},
+@pytest.mark.parametrize("field, value, mention", [
+    ("audio", {"voice": "alloy", "format": "wav"}, "audio: is not supported"),
+    ("functions", [{"name": "f"}], "functions: is not supported"),
+    ("web_search_options", {}, "web_search_options: is not supported"),
+    ("store", True, "store: stored completions are not supported"),
+    ("frobnicate", 1, "frobnicate: is not a parameter this server knows"),
+])
+def test_a_field_this_server_does_not_serve_is_refused_by_name(field, value, mention):
+    with pytest.raises(ApiError) as e:
+        parse_request({"messages": USER, field: value}, "chat")
+    assert e.value.param == field and mention in e.value.message
+
+
+def test_an_image_part_is_refused_naming_the_part():
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    with pytest.raises(ApiError) as e:
+        parse_request({"messages": [{"role": "user", "content": content}]}, "chat")
+    assert e.value.param == "messages.0.content.1" and "image input is not supported" in e.value.message
+
+
+def test_an_unknown_field_inside_a_message_is_refused_by_name():
+    with pytest.raises(ApiError) as e:
+        parse_request({"messages": [{"role": "user", "content": "hi", "colour": "red"}]}, "chat")
+    assert e.value.param == "messages.0.colour"
+
+
+def test_harmless_openai_fields_are_accepted():
+    request = parse_request({"messages": [{"role": "user", "content": "hi", "name": "ann"}], "n": 1, "user": "me",
+                             "metadata": {"k": "v"}, "store": False, "stream_options": {"include_usage": True}},
                             "chat")
     assert request.messages[0].content == "hi"
+
+
+def test_control_characters_are_kept_and_only_nul_and_lone_surrogates_are_changed():
+    text = "bell\x07 esc\x1b[31mred\x1b[0m nul\x00 half\ud800"
+    request = parse_request({"messages": [{"role": "user", "content": text}], "stop": ["\x07", "a\x00b"]}, "chat")
+    assert request.messages[0].text == "bell\x07 esc\x1b[31mred\x1b[0m nul half\ufffd"
+    assert request.stop == ["\x07", "ab"]
+    assert parse_request({"prompt": "\x01\x02"}, "completion").prompt == "\x01\x02"
