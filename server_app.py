@@ -22,7 +22,8 @@ process = console_process()
 
 with st.sidebar:
     st.title("TorchServe console")
-    st.slider("Auto-refresh every (s)", 1, 30, 5, key="refresh_s")
+    st.slider("Auto-refresh every (s)", 2, 60, 15, key="refresh_s",
+              help="Status and Metrics re-read the server this often while their page is open")
     st.slider("Log lines", 10, 200, 40, step=10, key="log_lines")
     st.caption(f"Model store: `{process.model_store}`")
     st.caption(f"Run folder: `{process.run_dir}`")

@@ -125,7 +125,7 @@ def test_metrics_view_shows_generated_tokens(page, console_env):
     panel = open_page(page, "Metrics")
     expect(panel.get_by_text("Tokens generated")).to_be_visible()
     expect(panel.get_by_text("Charts appear after the next refresh.")).to_have_count(0, timeout=30_000)
-    page.wait_for_timeout(4000)  # one more refresh, so the charts hold a few points
+    page.wait_for_timeout(16_000)  # one more refresh (15 s by default), so the charts hold a few points
     shoot(page, "metrics")
 
 
