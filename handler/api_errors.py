@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from chat_prompt import ContextOverflow
-from llama_engine import PromptTooLong
+from llama_engine import InvalidGrammar, PromptTooLong
 
 
 class ApiError(Exception):
@@ -50,6 +50,7 @@ class GenerationFailed(RuntimeError):
 ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     ContextOverflow: (400, "invalid_request_error", "messages"),   # a chat that cannot fit
     PromptTooLong: (400, "invalid_request_error", "prompt"),       # a plain completion that cannot fit
+    InvalidGrammar: (400, "invalid_request_error", "grammar"),     # GBNF llama.cpp cannot parse
     RequestTimedOut: (504, "timeout", None),
     GenerationFailed: (500, "server_error", None),
 }

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import structured_output
 from api_errors import ApiError
 from llama_engine import GenerationRequest, SamplingParams
+from structured_output import Constraint
 
 if TYPE_CHECKING:
     from llama_settings import HandlerSettings
@@ -41,11 +43,9 @@ UNSUPPORTED = {
     "service_tier": "is not supported: there is one tier",
     "reasoning_effort": "is not supported",
     "verbosity": "is not supported",
-    "response_format": "is not supported yet",
     "tools": "is not supported yet",
     "tool_choice": "is not supported yet",
     "parallel_tool_calls": "is not supported yet",
-    "logit_bias": "is not supported yet",
     "top_logprobs": "is not supported yet",
     "best_of": "is not supported",
     "echo": "is not supported",
@@ -123,11 +123,32 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None    # usage always comes in a stream's last chunk
 
 
+class JsonSchemaFormat(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: Any = Field(None, alias="schema")   # None: any JSON object
+    strict: bool | None = None                   # the answer always follows the schema
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` goes with type json_schema, and only with it")
+        return self
+
+
 class SamplingFields(_Strict):
     """Options shared by chat and plain completions. None means: the server default."""
 
     model: str | None = None             # the URL picks the model; any name is accepted
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id -> bias
     logprobs: Any = None                 # per route: a bool for chat, an int for plain completions
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
@@ -149,6 +170,16 @@ class SamplingFields(_Strict):
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     repeat_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
     ignore_eos: bool = False  # keep generating past end-of-generation tokens (benchmarks, tests)
+    grammar: str | None = None            # GBNF the answer follows
+    json_schema: Any = None               # a JSON Schema the answer follows
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v):
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (integers, as JSON strings), got {key!r}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -183,6 +214,23 @@ class SamplingFields(_Strict):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def constraint(self) -> Constraint | None:
+        """The grammar the answer must follow, if the request asks for one (at most one way)."""
+        asked = self._constraints()
+        if len(asked) > 1:
+            (first, _), (second, _) = asked[:2]
+            raise ApiError(f"{second}: cannot be combined with {first} (one constraint per request)", param=second)
+        return asked[0][1]() if asked else None
+
+    def _constraints(self) -> list[tuple[str, Callable[[], Constraint]]]:
+        """(field, its grammar) for each field of the request that constrains the answer."""
+        asked = []
+        if self.grammar is not None:
+            asked.append(("grammar", lambda: structured_output.gbnf(self.grammar)))
+        if self.json_schema is not None:
+            asked.append(("json_schema", lambda: structured_output.json_schema(self.json_schema, "json_schema")))
+        return asked
+
     def to_generation_request(self, server: "HandlerSettings") -> GenerationRequest:
         """The one place that decides each value of the engine's request: the request's,
         else the server's (model-config.yaml `handler:`), else the built-in default
@@ -192,6 +240,9 @@ class SamplingFields(_Strict):
         values = {name: _first_set(getattr(self, name), getattr(configured, name), getattr(built_in, name))
                   for name in _SAMPLING_NAMES}
         values["penalty_last_n"] = _first_set(configured.penalty_last_n, built_in.penalty_last_n)
+        constraint = self.constraint()
+        values["grammar"] = constraint.gbnf if constraint else None
+        values["logit_bias"] = {int(token): bias for token, bias in (self.logit_bias or {}).items()}
         return GenerationRequest(prompt_tokens=[], max_tokens=self.max_tokens or server.max_tokens,
                                  sampling=SamplingParams(**values), stop=list(self.stop or []),
                                  ignore_eos=self.ignore_eos)
@@ -199,6 +250,16 @@ class SamplingFields(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    response_format: ResponseFormat | None = None
+
+    def _constraints(self):
+        fmt, asked = self.response_format, super()._constraints()
+        if fmt is None or fmt.type == "text":
+            return asked
+        if fmt.type == "json_object" or fmt.json_schema.schema_ is None:
+            return [("response_format", structured_output.json_object), *asked]
+        return [("response_format", lambda: structured_output.json_schema(fmt.json_schema.schema_, "response_format")),
+                *asked]
 
     @field_validator("logprobs")
     @classmethod

@@ -30,6 +30,8 @@ import numpy as np
 # re-implement by hand.
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
 
+from grammar_sampling import InvalidGrammar, grammar_sampler  # noqa: F401 (InvalidGrammar: submit raises it)
+
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
@@ -91,9 +93,10 @@ class SamplingParams:
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy with no penalties: the token is the argmax of the logits, nothing else."""
+        """Greedy with no penalties, grammar or bias: the token is the argmax of the logits, nothing else."""
         return (self.temperature <= 0 and self.repeat_penalty == 1.0
-                and not self.presence_penalty and not self.frequency_penalty)
+                and not self.presence_penalty and not self.frequency_penalty
+                and self.grammar is None and not self.logit_bias)
 
 
 @dataclass
@@ -201,7 +204,7 @@ class SlotState(enum.Enum):
 class _Active:
     """A request from submit until it finishes."""
 
-    def __init__(self, request_id: str, request: GenerationRequest, n_vocab: int):
+    def __init__(self, request_id: str, request: GenerationRequest, n_vocab: int, vocab=None):
         self.id = request_id
         self.request = request
         self.submitted_at = time.monotonic()
@@ -213,7 +216,7 @@ class _Active:
         # Plain greedy needs no llama.cpp sampler: an argmax over the logits is the same
         # choice (first maximum) without copying the vocabulary into a candidate array,
         # which costs more than the decode itself for many sequences on a GPU.
-        self.sampler = None if request.sampling.is_plain_greedy else make_sampler(request.sampling, n_vocab)
+        self.sampler = None if request.sampling.is_plain_greedy else make_sampler(request.sampling, n_vocab, vocab)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopStringMatcher(request.stop)
 
@@ -231,13 +234,32 @@ class _Slot:
         self.cached: list[int] = []          # tokens whose KV entries sit at positions 0..n-1
 
 
-def make_sampler(p: SamplingParams, n_vocab: int):
-    """A llama.cpp sampler chain for one request (the caller frees it with llama_sampler_free)."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+def make_sampler(p: SamplingParams, n_vocab: int, vocab=None):
+    """A llama.cpp sampler for one request (the caller frees it with llama_sampler_free): a
+    chain of logit bias, penalties, then top-k/top-p/min-p/temperature/dist or greedy; with
+    a grammar, those wrapped in grammar_sampling's sampler (which needs the model's vocab).
+    Raises InvalidGrammar for a grammar llama.cpp cannot parse."""
+    before = _chain()
+    if p.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(p.logit_bias))(
+            *(llama_cpp.llama_logit_bias(token, bias) for token, bias in p.logit_bias.items()))
+        llama_cpp.llama_sampler_chain_add(before, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-        add(llama_cpp.llama_sampler_init_penalties(
+        llama_cpp.llama_sampler_chain_add(before, llama_cpp.llama_sampler_init_penalties(
             n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+    if p.grammar is not None:
+        return grammar_sampler(vocab, p.grammar, before, _choosing_chain(p))
+    return _choosing_chain(p, chain=before)
+
+
+def _chain():
+    return llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+
+def _choosing_chain(p: SamplingParams, chain=None):
+    """The samplers that pick the token (greedy, or truncation, temperature and dist), added to chain."""
+    chain = chain or _chain()
+    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
     if p.temperature <= 0:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -356,7 +378,7 @@ class Engine:
             raise ValueError("prompt is empty")
         if len(request.prompt_tokens) >= self.n_ctx_seq:   # at least one token must be left to generate
             raise PromptTooLong(len(request.prompt_tokens), self.n_ctx_seq - 1)
-        active = _Active(request_id, request, self.n_vocab)
+        active = _Active(request_id, request, self.n_vocab, self.vocab)
         self.by_id[request_id] = active
         self.waiting.append(active)
         return RequestHandle(request_id, self)

@@ -149,6 +149,7 @@ class LlamaHandler:
                 raise ApiError("request body is empty; send a JSON object with `messages` or `prompt`")
             request = parse_request(body, route)
             generation = request.to_generation_request(self.settings)
+            self._check_token_ids(generation.sampling.logit_bias)
             generation.prompt_tokens, dropped = self._fit_prompt(request, generation.max_tokens)
             handle = self.engine.submit(rid, generation)
         except Exception as e:  # the worker must outlive any single request
@@ -179,6 +180,12 @@ class LlamaHandler:
         except (ContextOverflow, PromptTooLong) as e:
             e.add_note(f"max_tokens {max_tokens} is reserved for the answer; context length {n_ctx}")
             raise
+
+    def _check_token_ids(self, logit_bias: dict[int, float]) -> None:
+        unknown = sorted(t for t in logit_bias if t >= self.engine.n_vocab)
+        if unknown:
+            raise ApiError(f"logit_bias: token id {unknown[0]} is not in the model's vocabulary "
+                           f"(ids 0 to {self.engine.n_vocab - 1})", param="logit_bias")
 
     def _run_engine(self) -> dict[str, Update]:
         updates = self.engine.run(self.step_budget_s)

@@ -89,3 +89,28 @@ def test_control_characters_are_kept_and_only_nul_and_lone_surrogates_are_change
     assert request.messages[0].text == "bell\x07 esc\x1b[31mred\x1b[0m nul half\ufffd"
     assert request.stop == ["\x07", "ab"]
     assert parse_request({"prompt": "\x01\x02"}, "completion").prompt == "\x01\x02"
+
+
+def test_response_format_json_schema_becomes_the_engines_grammar():
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "properties": {
+        "a": {"type": "integer"}}, "required": ["a"]}, "strict": True}}
+    sampling = parse_request({"messages": USER, "response_format": fmt}, "chat").to_generation_request(SERVER).sampling
+    assert 'a-kv ::= "\\"a\\""' in sampling.grammar and not sampling.is_plain_greedy
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "tuple"}}}},
+     "response_format"),
+    ({"json_schema": {"type": "array", "uniqueItems": True}}, "json_schema"),
+    ({"grammar": "  "}, "grammar"),
+    ({"json_schema": {"type": "string"}, "grammar": 'root ::= "a"'}, "json_schema"),
+])
+def test_a_constraint_that_cannot_be_kept_is_a_400_naming_its_field(fields, param):
+    with pytest.raises(ApiError) as e:
+        parse_request({"messages": USER, **fields}, "chat").to_generation_request(SERVER)
+    assert e.value.param == param
+
+
+def test_logit_bias_keys_become_token_ids():
+    request = parse_request({"prompt": "x", "logit_bias": {"42": -100, "7": 2.5}}, "completion")
+    assert request.to_generation_request(SERVER).sampling.logit_bias == {42: -100.0, 7: 2.5}

@@ -31,6 +31,7 @@ class FakeEngine:
     """Stands in for llama_engine.Engine: a token per character, a word per step."""
 
     metadata: dict = {}          # no chat template: the handler falls back to ChatML
+    n_vocab = 1000
     bos_text = eos_text = ""
 
     def __init__(self, model_path, config):

@@ -1,0 +1,188 @@
+"""The OpenAI features SDKs and agent frameworks use (issue #17), on the default model.
+
+The engine tests drive llama_engine.Engine directly (a grammar request and a free one in
+the same decode step); the rest go through a real TorchServe with the official `openai`
+client or plain HTTP. Answers are short (max_tokens 16-64) to keep the file near two
+minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+import requests
+from pydantic import BaseModel, Field
+
+from chat_prompt import ChatPrompter
+from llama_engine import Engine, GenerationRequest, InvalidGrammar, SamplingParams
+from llama_settings import HandlerSettings, engine_config
+from structured_output import json_schema as schema_constraint
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+ASK_PERSON = [{"role": "user", "content": "Make up a person. Answer in JSON with a name and an age."}]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int
+
+
+# ---- the engine: constrained and free requests share a decode step ---------------------------
+
+@pytest.fixture(scope="module")
+def engine(default_gguf):
+    config = engine_config(HandlerSettings(n_threads=2, n_slots=4, n_ctx=512, max_tokens=64),
+                           batch_size=1, n_workers=1, gpu_id=None)
+    eng = Engine(str(default_gguf), config)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def prompter(engine):
+    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
+                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))
+
+
+def generate(engine, requests_by_id: dict[str, GenerationRequest]) -> tuple[dict[str, str], list[set[str]]]:
+    """Run requests together; returns each one's text and, per decode step, which were sampled."""
+    for rid, request in requests_by_id.items():
+        engine.submit(rid, request)
+    texts, steps = {rid: "" for rid in requests_by_id}, []
+    while engine.is_busy():
+        updates = engine.step()
+        steps.append({rid for rid, u in updates.items() if u.completion_tokens})
+        for rid, upd in updates.items():
+            texts[rid] += upd.text
+    return texts, steps
+
+
+def test_a_grammar_request_and_a_free_request_decode_in_the_same_step_and_both_are_right(engine, prompter):
+    free_prompt = prompter.tokens([{"role": "user", "content": "Name three colors."}])
+    json_prompt = prompter.tokens(ASK_PERSON)
+    grammar = schema_constraint(PERSON_SCHEMA, "response_format").gbnf
+    engine.clear_cache()
+    alone, _ = generate(engine, {"alone": GenerationRequest(free_prompt, 24, SamplingParams(temperature=0))})
+    engine.clear_cache()
+    texts, steps = generate(engine, {
+        "free": GenerationRequest(free_prompt, 24, SamplingParams(temperature=0)),
+        "json": GenerationRequest(json_prompt, 64, SamplingParams(temperature=1.0, seed=3, grammar=grammar)),
+    })
+    assert any({"free", "json"} <= sampled for sampled in steps), "never sampled in the same step"
+    assert texts["free"] == alone["alone"]
+    jsonschema.validate(json.loads(texts["json"]), PERSON_SCHEMA)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_json_object_grammar_holds_at_temperature_one(engine, prompter, seed):
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    texts, _ = generate(engine, {"j": GenerationRequest(prompter.tokens(ASK_PERSON), 96,
+                                                        SamplingParams(temperature=1.0, seed=seed, grammar=JSON_GBNF))})
+    assert isinstance(json.loads(texts["j"]), dict)
+
+
+def test_greedy_with_a_grammar_or_a_bias_does_not_take_the_argmax_path():
+    assert SamplingParams(temperature=0).is_plain_greedy
+    assert not SamplingParams(temperature=0, grammar='root ::= "a"').is_plain_greedy
+    assert not SamplingParams(temperature=0, logit_bias={5: 1.0}).is_plain_greedy
+
+
+def test_logit_bias_steers_greedy_choice(engine, prompter):
+    prompt = prompter.tokens([{"role": "user", "content": "Say yes."}])
+    target = engine.tokenize("Banana", add_special=False)[0]
+    texts, _ = generate(engine, {"b": GenerationRequest(prompt, 1, SamplingParams(temperature=0,
+                                                                                   logit_bias={target: 100.0}))})
+    assert texts["b"] == engine.token_bytes(target).decode()
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_refused_with_the_parsers_reason(engine, prompter):
+    with pytest.raises(InvalidGrammar, match="Undefined rule identifier 'colour'"):
+        engine.submit("bad", GenerationRequest(prompter.tokens(ASK_PERSON), 8,
+                                               SamplingParams(grammar="root ::= colour")))
+    assert not engine.is_busy()
+
+
+# ---- through TorchServe ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_client(torchserve) -> openai.OpenAI:
+    base = f"{torchserve.address('inference')}/predictions/llama/1.0/v1"
+    return openai.OpenAI(base_url=base, api_key=torchserve.client().keys.inference, max_retries=0, timeout=120)
+
+
+def post(server, body, path="/predictions/llama"):
+    headers = {"Authorization": f"Bearer {server.client().keys.inference}"}
+    return requests.post(f"{server.address('inference')}{path}", json=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_openai_client_json_schema_answers_follow_the_schema(openai_client, seed):
+    reply = openai_client.chat.completions.create(
+        model="llama", messages=ASK_PERSON, max_tokens=64, temperature=1.0, seed=seed,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON_SCHEMA)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_openai_client_parse_gives_a_pydantic_object(openai_client, seed):
+    reply = openai_client.chat.completions.parse(model="llama", messages=ASK_PERSON, max_tokens=64, temperature=1.0,
+                                          seed=seed, response_format=Person)
+    assert isinstance(reply.choices[0].message.parsed, Person)
+
+
+def test_json_object_and_grammar_fields_on_the_bare_route(torchserve):
+    body = {"messages": ASK_PERSON, "max_tokens": 96, "temperature": 0, "repeat_penalty": 1.0,
+            "response_format": {"type": "json_object"}}
+    assert isinstance(json.loads(post(torchserve, body).json()["choices"][0]["message"]["content"]), dict)
+    body = {"messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 4,
+            "grammar": 'root ::= "yes" | "no"'}
+    assert post(torchserve, body).json()["choices"][0]["message"]["content"] in ("yes", "no")
+
+
+def test_streamed_json_schema_answer_assembles_into_valid_json(torchserve):
+    body = {"messages": ASK_PERSON, "max_tokens": 64, "temperature": 1.0, "seed": 11, "stream": True,
+            "json_schema": PERSON_SCHEMA}
+    headers = {"Authorization": f"Bearer {torchserve.client().keys.inference}"}
+    with requests.post(f"{torchserve.address('inference')}/predictions/llama", json=body, headers=headers,
+                       stream=True, timeout=120) as resp:
+        chunks = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+
+
+REFUSALS = {
+    "schema_the_converter_cannot_take": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}},
+        "response_format", "cannot be turned into a grammar"),
+    "schema_keyword_it_would_ignore": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "integer", "minimum": 3}}}}, "response_format", "`minimum` is not supported"),
+    "grammar_llama_cpp_cannot_parse": ({"grammar": "root ::= colour"}, "grammar", "Undefined rule identifier"),
+    "two_constraints": ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar",
+                        "cannot be combined with response_format"),
+    "logit_bias_unknown_token": ({"logit_bias": {"999999": 5}}, "logit_bias", "not in the model's vocabulary"),
+    "logit_bias_not_a_token_id": ({"logit_bias": {"hello": 5}}, "logit_bias", "keys are token ids"),
+    "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   "messages.0.content.0", "image input is not supported"),
+    "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+@pytest.mark.parametrize("path", ["/predictions/llama", "/predictions/llama/1.0/v1/chat/completions"])
+def test_each_refusal_is_a_400_naming_its_field(torchserve, case, path):
+    fields, param, mention = REFUSALS[case]
+    resp = post(torchserve, {"messages": ASK_PERSON, "max_tokens": 8, **fields}, path=path)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and mention in error["message"], error
