@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from chatstack.conversations import ConversationStore
+from chatstack.model_archive import ModelSettings
+from chatstack.model_registry import swap_settings
 from chatstack.torchserve_client import Keys
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_server
 
 SCREENSHOTS = ROOT / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 # Generous: the test machine may be busy with other work.
 ANSWER_TIMEOUT_MS = 180_000
+# The default model answers this at length (greedy decoding).
+LONG_ANSWER_PROMPT = "Tell a long story about a dragon who learns to fly."
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +50,15 @@ def start_app(tmp_path):
 
     def start(db_path, **env) -> str:
         port = free_port()
-        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHSERVE_", "CHAT_"))}
+        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHSERVE_", "CHAT_", "CHATSTACK_"))}
+        # An empty run folder unless the test names one: a TorchServe this checkout started stays out of it.
+        env = {"CHAT_DB_PATH": str(db_path), "CHATSTACK_RUN_DIR": str(tmp_path / "no_run"), **env}
         log = open(tmp_path / f"streamlit-{port}.log", "wb")
         process = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / "client_app.py"),
              "--server.headless=true", f"--server.port={port}", "--server.address=127.0.0.1",
              "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"],
-            cwd=ROOT, env={**clean_env, "CHAT_DB_PATH": str(db_path), **env}, stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env={**clean_env, **env}, stdout=log, stderr=subprocess.STDOUT)
         processes.append(process)
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 60
@@ -214,7 +224,7 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, st
     assert "stopped" in messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
     [conversation] = ConversationStore(db_path).list()
     saved = ConversationStore(db_path).messages(conversation.id)[-1]
-    assert saved.status == "stopped" and saved.completion_tokens < 1000
+    assert saved.status == "stopped" and saved.usage.completion_tokens < 1000
 
     # A regenerated answer has a Stop button of its own.
     page.get_by_role("button", name="Regenerate").click()
@@ -276,3 +286,88 @@ def test_server_problems_are_explained_and_the_typed_message_is_kept(browser: Br
     page.reload()
     expect(messages(page).first).to_contain_text("Please keep this question safe.", timeout=60_000)
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
+
+
+@pytest.fixture
+def own_torchserve(model_store):
+    """A TorchServe of this test's own, serving llama from a model store of its own: the
+    test changes the model's batch settings, which the session's server must keep.
+    (Not pytest's tmp_path: a concurrent pytest run may delete it under a live server.)"""
+    base = Path(tempfile.mkdtemp(prefix="chatstack-swap-"))
+    store = base / "model_store"
+    store.mkdir()
+    try:
+        os.link(model_store / "llama.mar", store / "llama.mar")
+    except OSError:
+        shutil.copy(model_store / "llama.mar", store / "llama.mar")
+    server = start_server(store, base / "run")
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_chat_streaming_through_a_batch_settings_change_finishes_and_is_saved(browser: Browser, start_app,
+                                                                              own_torchserve, tmp_path):
+    server = own_torchserve
+    db_path = fresh_db(tmp_path, max_tokens=192)
+    # Nothing configured but the run folder, as after the console's Start: the app finds server and key.
+    page = open_chat(browser.new_page(), start_app(db_path, CHATSTACK_RUN_DIR=str(server.run_dir)))
+    expect(page.get_by_test_id("stSidebar")).to_contain_text(
+        f"Server {server.address('inference')} · key from {server.key_file}")
+
+    # The console's version swap to batch size 4: register the new settings as a new version,
+    # make it the default, let the old version finish its chats, unregister it. The swap waits
+    # once the new version is ready until the chat streams, so that the steps that could cut
+    # a chat off happen while it streams (and no worker loads beside it: on a small CPU that
+    # can push an answer past the response timeout).
+    client = server.client(timeout=120)
+    new_version_ready, chat_streams = threading.Event(), threading.Event()
+    steps: list[tuple[float, str]] = []
+    outcome: dict = {}
+
+    def on_step(text: str) -> None:
+        steps.append((time.time(), text))
+        if text.startswith("3/5"):
+            new_version_ready.set()
+            chat_streams.wait(timeout=ANSWER_TIMEOUT_MS / 1000)
+
+    def swap():
+        try:
+            outcome["version"] = swap_settings(client, server.model_store, "llama", ModelSettings(batch_size=4),
+                                               on_step=on_step)
+        except Exception as error:  # reported by the main thread
+            outcome["error"] = error
+        new_version_ready.set()
+
+    swapping = threading.Thread(target=swap)
+    swapping.start()
+    assert new_version_ready.wait(timeout=600) and "error" not in outcome, outcome.get("error")
+
+    send(page, LONG_ANSWER_PROMPT)
+    page.wait_for_function(  # the answer is being written
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
+        " return m.length == 2 && m[1].innerText.length > 20; }", timeout=ANSWER_TIMEOUT_MS)
+    chat_streams.set()
+    wait_until_answered(page)
+    swapping.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+
+    [conversation] = ConversationStore(db_path).list()
+    user, answer = ConversationStore(db_path).messages(conversation.id)
+    assert (answer.status, answer.error) == ("complete", None)
+    caption = messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
+    assert "broke off" not in caption and "stopped" not in caption
+    assert words(answer_text(page)) == words(answer.content)
+    expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)
+    # The chat was still being written when new chats went to the new version.
+    [made_default_at] = [t for t, text in steps if text.startswith("4/5 New chats")]
+    assert answer.created_at > made_default_at, steps
+    [entry] = client.describe_model("llama", "all")
+    assert (entry["modelVersion"], entry["batchSize"]) == (outcome["version"], 4)
+
+    # The next chat goes to the new version.
+    send(page, "Name a colour.")
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    while len(saved := ConversationStore(db_path).messages(conversation.id)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [(m.role, m.status) for m in saved[2:]] == [("user", "complete"), ("assistant", "complete")]
