@@ -9,7 +9,8 @@ folder, torchserve_fix's ContinuousBatching as always with chatstack.TorchServeP
 streams the two take turns --repeats times (bench/loadgen.py: streaming chats, 2 requests per
 stream, greedy, ignore_eos so every answer is max_tokens long); the table shows the median run
 of each, and for the two workers how their CPU time was split (an idle worker uses none).
-Prints a markdown table. Bounded: about 3 minutes on 2 cores with the defaults.
+Prints a markdown table. Bounded: no turn starts after --budget-s (about 3 minutes on 2 idle cores
+with the defaults; a busy machine gets fewer turns).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +79,9 @@ def commit() -> str:
 def render(rows: list[dict], args, load: tuple[float, float]) -> str:
     lines = [f"{datetime.date.today().isoformat()}, commit {commit()}, {os.cpu_count()} cores (1-minute load "
              f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end), default model, greedy, max_tokens "
-             f"{args.max_tokens} (ignore_eos), 2 streaming requests per stream; median of {args.repeats} runs, "
-             f"the two set-ups taking turns.", "",
+             f"{args.max_tokens} (ignore_eos), 2 streaming requests per stream; "
+             + (f"median of {runs} runs" if (runs := min(r["runs"] for r in rows)) > 1 else "one run")
+             + ", the two set-ups taking turns.", "",
              "| streams | workers x threads | slots | tok/s | TTFT p50 / p95 (s) | per-stream tok/s | worker CPU split | errors |",
              "|---:|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=300,
+                        help="start no further turn after this many seconds of measuring (default 300)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads in all (default 2)")
     parser.add_argument("--slots", type=int, default=8, help="slots per worker of the two-worker set-up")
     args = parser.parse_args(argv)
@@ -114,17 +119,21 @@ def main(argv=None) -> int:
             client.register(f"{name}.mar")
             client.wait_for_workers(name, count=workers)
             measure(server, name, 2, 16)  # warm-up
-        for streams in args.streams:
-            runs = {name: [] for name in setups}
-            for _ in range(args.repeats):
-                for name in setups:
-                    runs[name].append(measure(server, name, streams, args.max_tokens))
-                    print(streams, name, round(runs[name][-1]["tokens_per_s"], 1), runs[name][-1]["cpu_split"],
-                          flush=True)
-            for name, (workers, threads, slots) in setups.items():
-                ordered = sorted(runs[name], key=lambda s: s["tokens_per_s"])
-                rows.append({"streams": streams, "setup": f"{workers} x {threads}", "slots": workers * slots,
-                             "summary": ordered[len(ordered) // 2]})
+        runs = {(streams, name): [] for streams in args.streams for name in setups}
+        started = time.monotonic()
+        for turn in range(args.repeats):
+            if turn and time.monotonic() - started > args.budget_s:
+                print(f"budget of {args.budget_s:.0f} s spent: {turn} runs each", flush=True)
+                break
+            for streams, name in runs:
+                summary = measure(server, name, streams, args.max_tokens)
+                runs[streams, name].append(summary)
+                print(streams, name, round(summary["tokens_per_s"], 1), summary["cpu_split"], flush=True)
+        for (streams, name), done in runs.items():
+            workers, threads, slots = setups[name]
+            ordered = sorted(done, key=lambda s: s["tokens_per_s"])
+            rows.append({"streams": streams, "setup": f"{workers} x {threads}", "slots": workers * slots,
+                         "runs": len(done), "summary": ordered[len(ordered) // 2]})
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
