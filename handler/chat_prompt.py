@@ -1,5 +1,8 @@
 """Turn chat messages into prompt tokens with the GGUF's own chat template,
-trimming the oldest turns when a conversation outgrows the context."""
+trimming the oldest turns when a conversation outgrows the context.
+
+The template also gets the request's `tools` (where it renders them: `supports_tools`)
+and its `chat_template_kwargs` (e.g. `enable_thinking`)."""
 
 from __future__ import annotations
 
@@ -39,17 +42,23 @@ class ChatPrompter:
         # The template writes BOS itself where the model wants one.
         self._tokenize = tokenize
 
-    def render(self, messages: list[dict]) -> str:
-        return self._formatter(messages=messages).prompt
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders the `tools` it is given (else they need a prompt of ours)."""
+        return "tools" in self.template
 
-    def tokens(self, messages: list[dict]) -> list[int]:
-        return self._tokenize(self.render(messages))
+    def render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
+        return self._formatter(messages=messages, tools=tools, **template_kwargs).prompt
 
-    def fit(self, messages: list[dict], n_fit: int) -> FittedPrompt:
+    def tokens(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> list[int]:
+        return self._tokenize(self.render(messages, tools, **template_kwargs))
+
+    def fit(self, messages: list[dict], n_fit: int, tools: list[dict] | None = None,
+            **template_kwargs) -> FittedPrompt:
         """Keep leading system messages and the newest turns whose prompt has
         at most n_fit tokens (a rolling window). Raises ContextOverflow when
         even the last message cannot fit."""
-        tokens = self.tokens(messages)
+        tokens = self.tokens(messages, tools, **template_kwargs)
         if len(tokens) <= n_fit:
             return FittedPrompt(tokens, 0)
         n_system = 0
@@ -59,10 +68,10 @@ class ChatPrompter:
         for drop in range(1, len(turns)):
             kept = turns[drop:]
             # Start the window on a user turn: templates expect user first.
-            if kept[0]["role"] == "assistant":
+            if kept[0]["role"] != "user":
                 continue
-            tokens = self.tokens(system + kept)
+            tokens = self.tokens(system + kept, tools, **template_kwargs)
             if len(tokens) <= n_fit:
                 return FittedPrompt(tokens, drop)
-        last = self.tokens(system + turns[-1:]) if turns else tokens
+        last = self.tokens(system + turns[-1:], tools, **template_kwargs) if turns else tokens
         raise ContextOverflow(len(last), n_fit, "the last message does not fit in the context even after dropping all earlier turns")

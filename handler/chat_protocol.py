@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import structured_output
+import tool_calls
 from api_errors import ApiError
 from llama_engine import GenerationRequest, SamplingParams
 from structured_output import Constraint
@@ -43,15 +44,10 @@ UNSUPPORTED = {
     "service_tier": "is not supported: there is one tier",
     "reasoning_effort": "is not supported",
     "verbosity": "is not supported",
-    "tools": "is not supported yet",
-    "tool_choice": "is not supported yet",
-    "parallel_tool_calls": "is not supported yet",
     "top_logprobs": "is not supported yet",
     "best_of": "is not supported",
     "echo": "is not supported",
     "suffix": "is not supported (fill-in-the-middle)",
-    "tool_calls": "is not supported yet",
-    "tool_call_id": "is not supported yet",
 }
 # Content parts other than text, and why they are refused.
 UNSUPPORTED_PARTS = {
@@ -99,24 +95,87 @@ class TextPart(_Strict):
         return clean_text(v)
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str          # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None          # OpenAI's participant name: accepted, not shown to the model
+    tool_calls: list[ToolCall] | None = None     # assistant: the calls it made
+    tool_call_id: str | None = None              # tool: the call this is the result of
+    reasoning_content: str | None = None         # assistant: its thinking, not shown to the model again
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_reply_fields(cls, data):
+        # An SDK's assistant message sent back as it came carries these empty.
+        if isinstance(data, dict) and data.get("role") == "assistant":
+            data = {k: v for k, v in data.items()
+                    if not (k in ("refusal", "audio", "function_call", "annotations") and not v)}
+        return data
 
     @field_validator("content")
     @classmethod
     def _clean(cls, v):
         return clean_text(v) if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _fields_of_the_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry `tool_call_id`")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("`content` is required (it may be null only in an assistant message with `tool_calls`)")
+        return self
+
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def as_template_dict(self) -> dict:
         # Chat templates concatenate content as a string; "developer" is OpenAI's new name for system.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON Schema; none: the function takes no arguments
+    strict: bool | None = None                   # forced calls always follow the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Strict):
@@ -250,16 +309,58 @@ class SamplingFields(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    parallel_tool_calls: bool | None = None      # several calls in one answer: auto yes; required only when true
     response_format: ResponseFormat | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # default auto with tools
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_with_tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ApiError("tools: two tools have the same name", param="tools")
+        if self.tool_choice is not None and self.tool_choice != "none" and not names:
+            raise ApiError("tool_choice: needs `tools`", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ApiError(f"tool_choice: there is no tool named {self.tool_choice.function.name!r}",
+                           param="tool_choice")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools, or tool_choice none), auto, required or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def tools_for_prompt(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tool_mode != "none" else None
+
+    def template_messages(self, native_tools: bool) -> list[dict]:
+        """The messages as the chat template takes them; native_tools: the template renders
+        tools itself, else tool_calls' generic prompt describes them."""
+        return tool_calls.template_messages([m.as_template_dict() for m in self.messages],
+                                            self.tools_for_prompt(), native_tools)
 
     def _constraints(self):
         fmt, asked = self.response_format, super()._constraints()
-        if fmt is None or fmt.type == "text":
-            return asked
-        if fmt.type == "json_object" or fmt.json_schema.schema_ is None:
-            return [("response_format", structured_output.json_object), *asked]
-        return [("response_format", lambda: structured_output.json_schema(fmt.json_schema.schema_, "response_format")),
-                *asked]
+        if fmt is not None and fmt.type != "text":
+            schema = fmt.json_schema.schema_ if fmt.json_schema else None   # none: any JSON object
+            asked.insert(0, ("response_format", structured_output.json_object if schema is None
+                             else lambda: structured_output.json_schema(schema, "response_format")))
+        if self.tool_mode == "auto" and asked:
+            raise ApiError(f"{asked[0][0]}: cannot be combined with tools the model may call "
+                           "(send tool_choice none, required or a function)", param=asked[0][0])
+        if self.tool_mode in ("required", "named"):
+            functions = [t.function.model_dump(exclude_none=True) for t in self.tools
+                         if self.tool_mode == "required" or t.function.name == self.tool_choice.function.name]
+            # One forced call unless the request asks for several: small models repeat calls to the token limit.
+            parallel = self.tool_mode == "required" and self.parallel_tool_calls is True
+            asked.insert(0, ("tool_choice", lambda: Constraint(
+                tool_calls.call_grammar(functions, parallel, "tools"), "tool_choice")))
+        return asked
 
     @field_validator("logprobs")
     @classmethod

@@ -1,6 +1,9 @@
 """One request's answer, rendered step by step in the format its route asks for:
 OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
-/predictions route, or one JSON object when not streaming."""
+/predictions route, or one JSON object when not streaming.
+
+An answer has one choice per engine request (`n` of them); each choice's text is split
+into content and tool calls (tool_calls.ToolCallParser) as it arrives."""
 
 from __future__ import annotations
 
@@ -10,24 +13,72 @@ import uuid
 
 from api_errors import ApiError, GenerationFailed, api_error
 from chat_protocol import ChatCompletionRequest
-from llama_engine import RequestHandle, Update
+from llama_engine import FINISH_STOP, RequestHandle, Update
+from tool_calls import ToolCallParser
+
+
+class Choice:
+    """One choice of an answer: the engine request behind it, and what it said so far."""
+
+    def __init__(self, index: int, handle: RequestHandle, parse_tools: bool, max_calls: int | None = None):
+        self.index = index
+        self.handle = handle
+        self.tools = ToolCallParser(max_calls) if parse_tools else None
+        self.content: list[str] = []
+        self.last: Update | None = None       # the latest update (token counts)
+        self.finish_reason: str | None = None
+        self.started = False                  # its first chunk went out
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def take(self, upd: Update) -> dict:
+        """What this update adds, as a delta: content and tool_calls fragments."""
+        text, calls = upd.text, []
+        if self.tools is not None:
+            text, calls = self.tools.feed(text)
+            if upd.finished:
+                rest, more = self.tools.finish()
+                text, calls = text + rest, calls + more
+        self.content.append(text)
+        self.last = upd
+        if upd.finished:
+            called = self.tools is not None and self.tools.calls
+            self.finish_reason = "tool_calls" if called and upd.finish_reason == FINISH_STOP else upd.finish_reason
+        delta = {}
+        if text:
+            delta["content"] = text
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def message(self) -> dict:
+        text = "".join(self.content)
+        calls = self.tools.calls if self.tools is not None else []
+        message = {"role": "assistant", "content": None if calls and not text.strip() else text}
+        if calls:
+            message["tool_calls"] = calls
+        return message
 
 
 class Exchange:
     """One request's answer, rendered step by step in the format its route asks for, and
-    the engine's request it answers (`handle`, to cancel it)."""
+    the engine requests it answers (one per choice: `handles`, to cancel them)."""
 
-    def __init__(self, handle: RequestHandle, request, route, model_name, messages_dropped, n_ctx):
-        self.handle = handle
+    def __init__(self, handles: list[RequestHandle], request, route, model_name, messages_dropped, n_ctx):
+        self.handles = handles
         self.started_at = time.monotonic()
         self.is_chat = isinstance(request, ChatCompletionRequest)
+        parse_tools = self.is_chat and request.tool_mode != "none"
+        max_calls = 1 if parse_tools and request.parallel_tool_calls is False else None
+        self.choices = [Choice(i, h, parse_tools, max_calls) for i, h in enumerate(handles)]
         self.sse = route in ("chat", "completion")
         self.stream = request.stream
         self.model_name = model_name
         self.id = new_id("chatcmpl" if self.is_chat else "cmpl")
         self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
-        self.text: list[str] = []
-        self.first = True
+        self.failed = False
         self.status = 200   # HTTP status: an error after the request started sets its own
 
     @property
@@ -36,44 +87,74 @@ class Exchange:
             return "text/event-stream"
         return "application/x-ndjson" if self.stream else "application/json"
 
-    def render(self, upd: Update | None) -> str:
-        if upd is None:
+    @property
+    def finished(self) -> bool:
+        return self.failed or all(c.finished for c in self.choices)
+
+    def cancel(self) -> None:
+        """Cancel the engine requests of the choices still generating."""
+        for choice in self.choices:
+            if not choice.finished:
+                choice.handle.cancel()
+
+    def render(self, updates: dict[str, Update]) -> str:
+        mine = [(c, updates[c.handle.id]) for c in self.choices if c.handle.id in updates]
+        if not mine:
             return ""
-        self.text.append(upd.text)
-        if upd.error:
-            return self.render_error(api_error(GenerationFailed(upd.error)))
-        reason = upd.finish_reason
-        use = usage(upd.prompt_tokens, upd.completion_tokens, upd.cached_tokens)
+        failed = next((u.error for _, u in mine if u.error), None)
+        if failed:
+            self.cancel()
+            return self.render_error(api_error(GenerationFailed(failed)))
+        deltas = [(choice, choice.take(upd)) for choice, upd in mine]
         if not self.stream:
-            if not upd.finished:
-                return ""
-            text = "".join(self.text)
-            build = chat_completion if self.is_chat else text_completion
-            return json.dumps(build(self.id, self.model_name, text, reason, use, self.extra), ensure_ascii=False)
+            return json.dumps(self._whole(), ensure_ascii=False) if self.finished else ""
         frames = []
-        if upd.text or (self.first and self.is_chat):
-            frames.append(self._chunk(upd.text))
-        if upd.finished:
-            frames.append(self._chunk("", reason, use))
-            if self.sse:
-                frames.append(sse("[DONE]"))
-        return "".join(f if isinstance(f, str) and f.startswith("data: ") else self._frame(f) for f in frames)
+        for choice, delta in deltas:
+            if delta or (not choice.started and self.is_chat):
+                frames.append(self._chunk(choice, delta))
+            if choice.finished:
+                frames.append(self._chunk(choice, {}, choice.finish_reason))
+        if self.finished:
+            frames[-1]["usage"] = self._usage()
+            frames[-1].update(self.extra)
+        out = "".join(self._frame(f) for f in frames)
+        return out + (sse("[DONE]") if self.finished and self.sse else "")
 
     def render_error(self, error: ApiError) -> str:
         """The last output of a request that failed after it started: a JSON
         error object, or, mid-stream, an error frame the client can show."""
         self.status = error.status
+        self.failed = True
         if not self.stream:
             return error.to_json()
         return self._frame(error.to_dict()) + (sse("[DONE]") if self.sse else "")
 
-    def _chunk(self, text, reason=None, use=None):
-        extra = self.extra if reason is not None else None
+    def _usage(self) -> dict:
+        first = self.choices[0].last
+        return usage(first.prompt_tokens, sum(c.last.completion_tokens for c in self.choices if c.last),
+                     first.cached_tokens)
+
+    def _whole(self) -> dict:
         if self.is_chat:
-            chunk = chat_chunk(self.id, self.model_name, text, reason, use, extra, first=self.first)
+            choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason}
+                       for c in self.choices]
+            return chat_completion(self.id, self.model_name, choices, self._usage(), self.extra)
+        choices = [{"index": c.index, "text": "".join(c.content), "finish_reason": c.finish_reason,
+                    "logprobs": None} for c in self.choices]
+        return text_completion(self.id, self.model_name, choices, self._usage(), self.extra)
+
+    def _chunk(self, choice: Choice, delta: dict, finish_reason: str | None = None) -> dict:
+        if self.is_chat:
+            if not choice.started:   # a choice's first chunk says its role; content null beside tool calls
+                delta = {"role": "assistant", "content": delta.get("content", None if "tool_calls" in delta else ""),
+                         **{k: v for k, v in delta.items() if k != "content"}}
+            part = {"index": choice.index, "delta": delta, "finish_reason": finish_reason}
+            chunk = chat_chunk(self.id, self.model_name, [part])
         else:
-            chunk = text_completion(self.id, self.model_name, text, reason, use, extra)
-        self.first = False
+            part = {"index": choice.index, "text": delta.get("content", ""), "finish_reason": finish_reason,
+                    "logprobs": None}
+            chunk = text_completion(self.id, self.model_name, [part], None, None)
+        choice.started = True
         return chunk
 
     def _frame(self, obj) -> str:
@@ -95,32 +176,22 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def chat_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
+def chat_completion(rid, model, choices: list[dict], usage_, extra) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason}],
-        "usage": usage_, **extra,
+        "choices": choices, "usage": usage_, **extra,
     }
 
 
-def chat_chunk(rid, model, text, finish_reason=None, usage_=None, extra=None, first=False) -> dict:
-    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-    chunk = {
-        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    if extra:
-        chunk.update(extra)
-    return chunk
+def chat_chunk(rid, model, choices: list[dict]) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices}
 
 
-def text_completion(rid, model, text, finish_reason, usage_, extra) -> dict:
+def text_completion(rid, model, choices: list[dict], usage_, extra) -> dict:
     out = {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": choices,
     }
     if usage_ is not None:
         out["usage"] = usage_

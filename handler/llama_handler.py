@@ -89,7 +89,7 @@ class LlamaHandler:
         # Requests TorchServe no longer sends lost their client: free their slots, answer nobody.
         live = set(ids.values())
         for rid in [r for r in self.exchanges if r not in live]:
-            self.exchanges.pop(rid).handle.cancel()
+            self.exchanges.pop(rid).cancel()
         fresh = {rid for rid in live if rid not in self.exchanges}
         for idx, rid in ids.items():
             if rid in fresh:
@@ -99,7 +99,7 @@ class LlamaHandler:
         updates = self._run_engine() if self.engine.is_busy() else {}
         for idx, rid in ids.items():
             if idx not in outputs:
-                outputs[idx], finished[idx] = self._advance(rid, updates.get(rid), context, idx)
+                outputs[idx], finished[idx] = self._advance(rid, updates, context, idx)
         # TorchServe 0.12 sends no HTTP headers when the first response of a
         # request is also marked last, so a request answered in its first call
         # is reported as a plain (non-stream) response: None, not True.
@@ -123,7 +123,7 @@ class LlamaHandler:
                 if rid not in self.exchanges:
                     continue
                 stream = self.exchanges[rid].stream
-                piece, done = self._advance(rid, updates.get(rid), context, idx)
+                piece, done = self._advance(rid, updates, context, idx)
                 if stream:
                     # Send now, even the last piece: the HTTP response closes when the batch ends.
                     if piece:
@@ -158,7 +158,7 @@ class LlamaHandler:
                 logger.exception("request %s failed", rid)
             _set_headers(context, idx, "application/json", error.status)
             return error.to_json()
-        self.exchanges[rid] = Exchange(handle, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
+        self.exchanges[rid] = Exchange([handle], request, route, self.model_name, dropped, self.engine.n_ctx_seq)
         return None
 
     def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> tuple[list[int], int]:
@@ -171,7 +171,9 @@ class LlamaHandler:
         n_fit = n_ctx - max_tokens
         try:
             if isinstance(request, ChatCompletionRequest):
-                fitted = self.prompter.fit([m.as_template_dict() for m in request.messages], n_fit)
+                native = self.prompter.supports_tools
+                fitted = self.prompter.fit(request.template_messages(native), n_fit,
+                                           tools=request.tools_for_prompt() if native else None)
                 return fitted.tokens, fitted.messages_dropped
             tokens = self.engine.tokenize(request.prompt, add_special=True, parse_special=False)
             if len(tokens) > n_fit:
@@ -195,16 +197,15 @@ class LlamaHandler:
                 self.finished_since_report = True
         return updates
 
-    def _advance(self, rid, upd: Update | None, context, idx) -> tuple[str, bool]:
+    def _advance(self, rid, updates: dict[str, Update], context, idx) -> tuple[str, bool]:
         """The next output of a request in flight, and whether it is its last. A request
         past its time limit is cancelled and answered with a timeout error."""
         ex = self.exchanges[rid]
-        done = upd is not None and upd.finished
-        if not done and time.monotonic() - ex.started_at > self.request_timeout_s:
-            ex.handle.cancel()
-            output, done = ex.render_error(api_error(RequestTimedOut(self.request_timeout_s))), True
-        else:
-            output = ex.render(upd)
+        output = ex.render(updates)
+        if not ex.finished and time.monotonic() - ex.started_at > self.request_timeout_s:
+            ex.cancel()
+            output += ex.render_error(api_error(RequestTimedOut(self.request_timeout_s)))
+        done = ex.finished
         if done:
             del self.exchanges[rid]
         _set_headers(context, idx, ex.content_type, ex.status)

@@ -48,11 +48,12 @@ def gbnf(text: str, param: str = "grammar") -> Constraint:
 def schema_rules(schema, param: str, root: str = "") -> str:
     """GBNF for a JSON Schema: its top rule is `root`, or the rule named `root` when given
     (to embed the schema in a larger grammar, as tool calls do)."""
-    converter = _converter(schema, param, root)
-    return converter.format_grammar()
+    return schema_converter(schema, param, root).format_grammar()
 
 
-def _converter(schema, param: str, root: str) -> SchemaConverter:
+def schema_converter(schema, param: str, root: str = "") -> SchemaConverter:
+    """llama-cpp-python's converter with the schema's rules in it (top rule `root`, or the
+    rule named `root` when given), or a 400 naming `param` when it cannot take the schema."""
     if not isinstance(schema, dict):
         raise ApiError(f"{param}: a JSON Schema must be an object, not {type(schema).__name__}", param=param)
     _refuse_ignored_keywords(schema, param)

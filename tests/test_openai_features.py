@@ -20,6 +20,7 @@ from chat_prompt import ChatPrompter
 from llama_engine import Engine, GenerationRequest, InvalidGrammar, SamplingParams
 from llama_settings import HandlerSettings, engine_config
 from structured_output import json_schema as schema_constraint
+from tool_calls import ToolCallParser, template_messages
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -28,6 +29,18 @@ PERSON_SCHEMA = {
     "additionalProperties": False,
 }
 ASK_PERSON = [{"role": "user", "content": "Make up a person. Answer in JSON with a name and an age."}]
+
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+                                           "parameters": {"type": "object", "properties": {
+                                               "tz": {"type": "string", "maxLength": 30}}, "required": ["tz"]}}}]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris?"}]
+FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 
 
 class Person(BaseModel):
@@ -111,6 +124,81 @@ def test_a_grammar_llama_cpp_cannot_parse_is_refused_with_the_parsers_reason(eng
     assert not engine.is_busy()
 
 
+# ---- tool calls: the parser and the prompt, without a model -----------------------------------
+
+HERMES = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
+SMOLLM = '<tool_call>[{"name": "get_time", "arguments": {"tz": "CET"}}, {"name": "get_weather", "parameters": {}}]</tool_call>'
+
+
+def parse_in_pieces(text: str, size: int, max_calls=None) -> tuple[str, list[dict], list[dict]]:
+    parser, content, deltas = ToolCallParser(max_calls), "", []
+    for i in range(0, len(text), size):
+        piece, more = parser.feed(text[i:i + size])
+        content, deltas = content + piece, deltas + more
+    piece, more = parser.finish()
+    return content + piece, deltas, parser.calls
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_a_call_fed_in_any_pieces_is_found_and_never_shown_as_text(size):
+    content, deltas, calls = parse_in_pieces(HERMES, size)
+    assert content == "Let me look. "
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assembled = "".join(d["function"].get("arguments", "") for d in deltas)
+    assert json.loads(assembled) == {"city": "Paris", "unit": "celsius"} and deltas[0]["id"] == calls[0]["id"]
+
+
+@pytest.mark.parametrize("size", [1, 1000])
+def test_smollm2s_list_of_calls_in_one_tag_is_read(size):
+    _, _, calls = parse_in_pieces(SMOLLM, size)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_time", {"tz": "CET"}), ("get_weather", {})]
+
+
+def test_text_that_only_looks_like_a_tag_is_passed_on_and_a_block_with_no_call_stays_text():
+    assert parse_in_pieces("a <tool_ b <tool_c", 3)[0] == "a <tool_ b <tool_c"
+    assert parse_in_pieces("<tool_call>not json</tool_call> ok", 4)[0] == "<tool_call>not json</tool_call> ok"
+
+
+def test_a_call_cut_off_keeps_its_name_and_a_headless_fragment_is_dropped():
+    assert parse_in_pieces('<tool_call>{"name": "get_time", "arguments": {"tz": "C', 3)[2][0]["function"] == \
+        {"name": "get_time", "arguments": '{"tz": "C'}
+    assert parse_in_pieces('<tool_call>{"na', 3)[:2] == ("", [])
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    assert len(parse_in_pieces(SMOLLM, 4, max_calls=1)[2]) == 1
+
+
+HISTORY = [*ASK_WEATHER,
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+
+
+def test_a_template_without_tools_gets_the_generic_prompt_and_calls_written_out():
+    messages = template_messages(HISTORY, TOOLS, native=False)
+    assert messages[0]["role"] == "system" and "<tools>" in messages[0]["content"]
+    assert messages[2] == {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": '
+                                                          '{"city": "Paris", "unit": "celsius"}}</tool_call>'}
+    assert messages[3] == {"role": "user", "content": "<tool_response>\n18 degrees, sunny\n</tool_response>"}
+
+
+def test_a_template_with_tools_renders_them_and_the_calls_itself():
+    template = ("{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments | tojson }}]"
+                "{% endfor %}{% if m.tool_call_id %}[for {{ m.tool_call_id }}]{% endif %}{% endfor %}")
+    prompter = ChatPrompter(template, "", "", lambda text: [])
+    assert prompter.supports_tools
+    text = prompter.render(template_messages(HISTORY, TOOLS, native=True), tools=TOOLS)
+    assert text == ('[tool get_weather][tool get_time]<user>What is the weather like in Paris?'
+                    '<assistant>[call get_weather {"city": "Paris", "unit": "celsius"}]'
+                    '<tool>18 degrees, sunny[for call_1]')
+
+
 # ---- through TorchServe ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -160,6 +248,46 @@ def test_streamed_json_schema_answer_assembles_into_valid_json(torchserve):
     jsonschema.validate(json.loads(text), PERSON_SCHEMA)
 
 
+def test_openai_client_named_tool_choice_gives_a_valid_call(openai_client):
+    reply = openai_client.chat.completions.create(model="llama", messages=ASK_WEATHER, tools=TOOLS, max_tokens=64,
+                                                  tool_choice=FORCE_WEATHER, temperature=1.0, seed=1)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMS)
+
+
+def test_required_tool_choice_streams_deltas_that_assemble_into_valid_arguments(openai_client):
+    stream = openai_client.chat.completions.create(model="llama", messages=ASK_WEATHER, tools=TOOLS, max_tokens=64,
+                                                   tool_choice="required", temperature=1.0, seed=2, stream=True)
+    calls, finish, text = {}, None, ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for part in choice.delta.tool_calls or []:
+                call = calls.setdefault(part.index, {"id": part.id, "name": "", "arguments": ""})
+                call["name"] += part.function.name or "" if part.function else ""
+                call["arguments"] += part.function.arguments or "" if part.function else ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and not text.strip() and len(calls) == 1
+    call = calls[0]
+    assert call["id"].startswith("call_") and call["name"] in ("get_weather", "get_time")
+    schema = WEATHER_PARAMS if call["name"] == "get_weather" else TOOLS[1]["function"]["parameters"]
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+def test_a_two_turn_tool_conversation(openai_client):
+    first = openai_client.chat.completions.create(model="llama", messages=ASK_WEATHER, tools=TOOLS, max_tokens=64,
+                                                  tool_choice=FORCE_WEATHER, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [*ASK_WEATHER, first.choices[0].message,     # the SDK's own message object, sent back as it came
+                {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    second = openai_client.chat.completions.create(model="llama", messages=messages, tools=TOOLS, max_tokens=32,
+                                                   temperature=0)
+    assert second.choices[0].message.content.strip() and second.choices[0].finish_reason in ("stop", "length")
+
+
 REFUSALS = {
     "schema_the_converter_cannot_take": (
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}},
@@ -175,6 +303,16 @@ REFUSALS = {
     "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                    "messages.0.content.0", "image input is not supported"),
     "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "is not supported"),
+    "tool_choice_without_tools": ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
+    "tool_choice_naming_no_tool": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                                   "tool_choice", "no tool named 'x'"),
+    "forced_call_with_a_schema_it_cannot_keep": (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "n": {"type": "integer", "maximum": 3}}}}}], "tool_choice": "required"}, "tools", "`maximum`"),
+    "response_format_beside_tools_the_model_may_call": (
+        {"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "cannot be combined"),
+    "tool_calls_on_a_user_message": (
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0", "only assistant"),
 }
 
 
