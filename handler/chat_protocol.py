@@ -44,7 +44,6 @@ UNSUPPORTED = {
     "service_tier": "is not supported: there is one tier",
     "reasoning_effort": "is not supported",
     "verbosity": "is not supported",
-    "top_logprobs": "is not supported yet",
     "best_of": "is not supported",
     "echo": "is not supported",
     "suffix": "is not supported (fill-in-the-middle)",
@@ -208,7 +207,6 @@ class SamplingFields(_Strict):
     model: str | None = None             # the URL picks the model; any name is accepted
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id -> bias
-    logprobs: Any = None                 # per route: a bool for chat, an int for plain completions
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     metadata: dict[str, str] | None = None   # accepted, not used
@@ -290,6 +288,10 @@ class SamplingFields(_Strict):
             asked.append(("json_schema", lambda: structured_output.json_schema(self.json_schema, "json_schema")))
         return asked
 
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives to report beside each token's logprob; None: no logprobs."""
+        return None
+
     def to_generation_request(self, server: "HandlerSettings") -> GenerationRequest:
         """The one place that decides each value of the engine's request: the request's,
         else the server's (model-config.yaml `handler:`), else the built-in default
@@ -304,11 +306,13 @@ class SamplingFields(_Strict):
         values["logit_bias"] = {int(token): bias for token, bias in (self.logit_bias or {}).items()}
         return GenerationRequest(prompt_tokens=[], max_tokens=self.max_tokens or server.max_tokens,
                                  sampling=SamplingParams(**values), stop=list(self.stop or []),
-                                 ignore_eos=self.ignore_eos)
+                                 ignore_eos=self.ignore_eos, logprobs=self.top_logprobs_wanted())
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    logprobs: bool | None = None                 # each answer token's logprob
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None   # and this many alternatives (needs logprobs)
     parallel_tool_calls: bool | None = None      # several calls in one answer: auto yes; required only when true
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # default auto with tools
@@ -362,16 +366,19 @@ class ChatCompletionRequest(SamplingFields):
                 tool_calls.call_grammar(functions, parallel, "tools"), "tool_choice")))
         return asked
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v not in (None, False):
-            raise ValueError("logprobs are not supported yet")
-        return v
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError("top_logprobs: needs logprobs true", param="top_logprobs")
+        return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str
+    logprobs: Annotated[int | None, Field(ge=0, le=5)] = None    # each token's logprob and this many alternatives
 
     @field_validator("prompt")
     @classmethod
@@ -380,12 +387,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt is empty")
         return clean_text(v)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v is not None:
-            raise ValueError("logprobs are not supported yet")
-        return v
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 _UNION_TAGS = ("str", "int", "float", "bool", "TextPart", "dict[str,str]", "StreamOptions")

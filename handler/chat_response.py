@@ -8,21 +8,24 @@ into content and tool calls (tool_calls.ToolCallParser) as it arrives."""
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 
 from api_errors import ApiError, GenerationFailed, api_error
 from chat_protocol import ChatCompletionRequest
-from llama_engine import FINISH_STOP, RequestHandle, Update
+from llama_engine import FINISH_STOP, RequestHandle, TokenLogprob, Update
 from tool_calls import ToolCallParser
 
 
 class Choice:
     """One choice of an answer: the engine request behind it, and what it said so far."""
 
-    def __init__(self, index: int, handle: RequestHandle, parse_tools: bool, max_calls: int | None = None):
+    def __init__(self, index: int, handle: RequestHandle, parse_tools: bool, max_calls: int | None = None,
+                 logprobs: bool = False):
         self.index = index
         self.handle = handle
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self.tools = ToolCallParser(max_calls) if parse_tools else None
         self.content: list[str] = []
         self.last: Update | None = None       # the latest update (token counts)
@@ -43,6 +46,8 @@ class Choice:
                 text, calls = text + rest, calls + more
         self.content.append(text)
         self.last = upd
+        if self.logprobs is not None:
+            self.logprobs += upd.logprobs
         if upd.finished:
             called = self.tools is not None and self.tools.calls
             self.finish_reason = "tool_calls" if called and upd.finish_reason == FINISH_STOP else upd.finish_reason
@@ -51,6 +56,8 @@ class Choice:
             delta["content"] = text
         if calls:
             delta["tool_calls"] = calls
+        if self.logprobs is not None and upd.logprobs:
+            delta["logprobs"] = upd.logprobs
         return delta
 
     def message(self) -> dict:
@@ -72,7 +79,8 @@ class Exchange:
         self.is_chat = isinstance(request, ChatCompletionRequest)
         parse_tools = self.is_chat and request.tool_mode != "none"
         max_calls = 1 if parse_tools and request.parallel_tool_calls is False else None
-        self.choices = [Choice(i, h, parse_tools, max_calls) for i, h in enumerate(handles)]
+        logprobs = request.top_logprobs_wanted() is not None
+        self.choices = [Choice(i, h, parse_tools, max_calls, logprobs) for i, h in enumerate(handles)]
         self.sse = route in ("chat", "completion")
         self.stream = request.stream
         self.model_name = model_name
@@ -136,23 +144,25 @@ class Exchange:
 
     def _whole(self) -> dict:
         if self.is_chat:
-            choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason}
-                       for c in self.choices]
+            choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
+                        "logprobs": chat_logprobs(c.logprobs)} for c in self.choices]
             return chat_completion(self.id, self.model_name, choices, self._usage(), self.extra)
         choices = [{"index": c.index, "text": "".join(c.content), "finish_reason": c.finish_reason,
-                    "logprobs": None} for c in self.choices]
+                    "logprobs": completion_logprobs(c.logprobs)} for c in self.choices]
         return text_completion(self.id, self.model_name, choices, self._usage(), self.extra)
 
     def _chunk(self, choice: Choice, delta: dict, finish_reason: str | None = None) -> dict:
+        entries = delta.pop("logprobs", None)
         if self.is_chat:
             if not choice.started:   # a choice's first chunk says its role; content null beside tool calls
                 delta = {"role": "assistant", "content": delta.get("content", None if "tool_calls" in delta else ""),
                          **{k: v for k, v in delta.items() if k != "content"}}
-            part = {"index": choice.index, "delta": delta, "finish_reason": finish_reason}
+            part = {"index": choice.index, "delta": delta, "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(entries) if entries else None}
             chunk = chat_chunk(self.id, self.model_name, [part])
         else:
             part = {"index": choice.index, "text": delta.get("content", ""), "finish_reason": finish_reason,
-                    "logprobs": None}
+                    "logprobs": completion_logprobs(entries) if entries else None}
             chunk = text_completion(self.id, self.model_name, [part], None, None)
         choice.started = True
         return chunk
@@ -198,6 +208,34 @@ def text_completion(rid, model, choices: list[dict], usage_, extra) -> dict:
     if extra:
         out.update(extra)
     return out
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's chat `logprobs`: each token with its logprob, bytes and top alternatives."""
+    if entries is None:
+        return None
+    return {"content": [{**_token(e.token, e.logprob),
+                         "top_logprobs": [_token(token, logprob) for token, logprob in e.top]} for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """The legacy completions' `logprobs`: parallel lists of tokens, logprobs, alternatives, offsets."""
+    if entries is None:
+        return None
+    texts = [e.token.decode("utf-8", errors="replace") for e in entries]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [{t.decode("utf-8", errors="replace"): _finite(lp) for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def _token(token: bytes, logprob: float) -> dict:
+    return {"token": token.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(token)}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None   # JSON has no NaN (a token without logits)
 
 
 def sse(obj: dict | str) -> str:

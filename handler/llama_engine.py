@@ -106,6 +106,17 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False         # end-of-generation tokens do not end the request
+    logprobs: int | None = None      # report each token's logprob and this many alternatives (None: no logprobs)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits),
+    and the most likely tokens at its position, best first."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,9 +134,11 @@ class Update:
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
     first_token: bool = False        # this update holds the request's first generated token
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # of the tokens generated since the last update
 
     def merge(self, later: "Update") -> "Update":
         later.text = self.text + later.text
+        later.logprobs = self.logprobs + later.logprobs
         later.first_token = self.first_token or later.first_token
         if later.time_to_first_token is None:
             later.time_to_first_token = self.time_to_first_token
@@ -219,6 +232,11 @@ class _Active:
         self.sampler = None if request.sampling.is_plain_greedy else make_sampler(request.sampling, n_vocab, vocab)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopStringMatcher(request.stop)
+        self.logprobs: list[TokenLogprob] = []   # not yet reported
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
     def close(self):
         if self.sampler is not None:
@@ -534,6 +552,8 @@ class Engine:
             return
         active.n_generated += 1
         self.stats.tokens_generated += 1
+        if active.request.logprobs is not None:
+            active.logprobs.append(self._logprob(token, logits_index, active.request.logprobs))
         text, hit_stop = active.stops.feed(active.utf8.decode(self.token_bytes(token)))
         if hit_stop:
             self._finish(slot, updates, FINISH_STOP, text=text)
@@ -554,6 +574,19 @@ class Engine:
             return int(logits.argmax())
         return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
 
+    def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
+        """The token's logprob and the n_top most likely at its position, from the raw logits."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, logits_index)
+        if not ptr:     # no logits (a backend sampler took them): nothing to report
+            return TokenLogprob(self.token_bytes(token), float("nan"))
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        logits -= logits.max()
+        logprobs = logits - np.log(np.exp(logits).sum())
+        top = np.argpartition(-logprobs, n_top)[:n_top] if n_top else np.empty(0, dtype=np.int64)
+        top = top[np.argsort(-logprobs[top], kind="stable")]
+        return TokenLogprob(self.token_bytes(token), float(logprobs[token]),
+                            [(self.token_bytes(int(t)), float(logprobs[t])) for t in top])
+
     def _update(self, active: _Active, text: str, **kw) -> Update:
         ttft = None
         tps = None
@@ -568,6 +601,7 @@ class Engine:
             prompt_tokens=len(active.request.prompt_tokens),
             cached_tokens=active.n_cached,
             completion_tokens=active.n_generated,
+            logprobs=active.take_logprobs(),
             time_to_first_token=ttft,
             tokens_per_second=tps,
             **kw,

@@ -124,6 +124,23 @@ def test_a_grammar_llama_cpp_cannot_parse_is_refused_with_the_parsers_reason(eng
     assert not engine.is_busy()
 
 
+def test_greedys_token_has_the_highest_logprob_and_the_logprobs_are_a_distribution(engine, prompter):
+    import math
+
+    engine.submit("lp", GenerationRequest(prompter.tokens(ASK_WEATHER), 8, SamplingParams(temperature=0),
+                                          logprobs=5))
+    entries, text = [], b""
+    while engine.is_busy():
+        for upd in engine.step().values():
+            entries += upd.logprobs
+            final = upd
+    assert len(entries) == final.completion_tokens == 8
+    for e in entries:
+        assert e.top[0] == (e.token, e.logprob) and [lp for _, lp in e.top] == sorted((lp for _, lp in e.top),
+                                                                                     reverse=True)
+        assert e.logprob <= 0 and sum(math.exp(lp) for _, lp in e.top) <= 1.0 + 1e-6
+
+
 # ---- tool calls: the parser and the prompt, without a model -----------------------------------
 
 HERMES = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
@@ -288,6 +305,28 @@ def test_a_two_turn_tool_conversation(openai_client):
     assert second.choices[0].message.content.strip() and second.choices[0].finish_reason in ("stop", "length")
 
 
+def test_openai_client_logprobs_plain_and_streamed(openai_client):
+    ask = {"model": "llama", "messages": ASK_WEATHER, "max_tokens": 6, "temperature": 0, "logprobs": True,
+           "top_logprobs": 3, "extra_body": {"repeat_penalty": 1.0}}
+    reply = openai_client.chat.completions.create(**ask)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for t in content:   # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob == max(a.logprob for a in t.top_logprobs)
+        assert bytes(t.bytes).decode() == t.token
+    streamed = [t for chunk in openai_client.chat.completions.create(**ask, stream=True) for c in chunk.choices
+                if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+
+def test_plain_completion_logprobs_have_the_legacy_shape(torchserve):
+    body = {"prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0, "logprobs": 2}
+    logprobs = post(torchserve, body).json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 4
+    assert all(len(alternatives) <= 2 for alternatives in logprobs["top_logprobs"])
+
+
 REFUSALS = {
     "schema_the_converter_cannot_take": (
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}},
@@ -311,6 +350,8 @@ REFUSALS = {
             "n": {"type": "integer", "maximum": 3}}}}}], "tool_choice": "required"}, "tools", "`maximum`"),
     "response_format_beside_tools_the_model_may_call": (
         {"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "cannot be combined"),
+    "top_logprobs_without_logprobs": ({"top_logprobs": 3}, "top_logprobs", "needs logprobs true"),
+    "top_logprobs_above_20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     "tool_calls_on_a_user_message": (
         {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0", "only assistant"),
 }
