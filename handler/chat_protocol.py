@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 4096
+MAX_CHOICES = 8
 _SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
 
@@ -210,7 +211,7 @@ class SamplingFields(_Strict):
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     metadata: dict[str, str] | None = None   # accepted, not used
-    n: int | None = None
+    n: Annotated[int | None, Field(ge=1, le=MAX_CHOICES)] = None   # choices from one prompt
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     prompt_cache_key: str | None = None   # accepted, not used: slots share prefixes by themselves
     safety_identifier: str | None = None  # accepted, not used
@@ -250,13 +251,6 @@ class SamplingFields(_Strict):
             if len(s) > MAX_STOP_LENGTH:
                 raise ValueError(f"a stop string may have at most {MAX_STOP_LENGTH} characters")
         return [clean_text(s) for s in stops]
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v):
-        if v not in (None, 1):
-            raise ValueError("only 1 choice per request is supported yet")
-        return v
 
     @field_validator("store")
     @classmethod

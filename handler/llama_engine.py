@@ -107,6 +107,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False         # end-of-generation tokens do not end the request
     logprobs: int | None = None      # report each token's logprob and this many alternatives (None: no logprobs)
+    fork_of: str | None = None       # another request with the same prompt: copy its prompt's KV instead of reading it
 
 
 @dataclass
@@ -301,6 +302,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+_NOT_YET = object()   # _leader_slot: the leader has not read its prompt yet
+
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5   # ggml_log_level (ggml.h)
 _log_state = {"shown": False}
 
@@ -473,11 +476,17 @@ class Engine:
                 self._retire(active, updates, FINISH_CANCELLED)
 
     def _admit_waiting(self):
-        while self.waiting:
+        for active in list(self.waiting):
             free = [s for s in self.slots if s.state is SlotState.IDLE]
             if not free:
                 return
-            active = self.waiting.popleft()
+            leader = self._leader_slot(active)
+            if leader is _NOT_YET:
+                continue            # its leader has not read the prompt yet; others may go first
+            self.waiting.remove(active)
+            if leader is not None:
+                self._fork(leader, free, active)
+                continue
             prompt = active.request.prompt_tokens
             # Longest cached prefix wins; keep at least one prompt token to
             # evaluate, since sampling needs fresh logits.
@@ -493,6 +502,33 @@ class Engine:
             active.n_cached = reuse
             active.pending_prompt = prompt[reuse:]
             self.stats.tokens_reused += reuse
+
+    def _leader_slot(self, active: _Active):
+        """For a request forked from another (`fork_of`, the n choices of one prompt): the
+        slot of that leader once it has read the prompt, _NOT_YET before, None when there is
+        nothing to copy (no leader, or it finished: then its slot's cache serves the prefix)."""
+        leader = self.by_id.get(active.request.fork_of) if active.request.fork_of else None
+        if leader is None:
+            return None
+        slot = next((s for s in self.slots if s.active is leader), None)
+        if slot is None or slot.state is SlotState.READING_PROMPT:
+            return _NOT_YET
+        prompt = active.request.prompt_tokens
+        return slot if _common_prefix(slot.cached, prompt) >= len(prompt) - 1 else None
+
+    def _fork(self, leader: _Slot, free: list[_Slot], active: _Active):
+        """Start `active` on a copy of its leader's prompt KV; it reads only the prompt's last
+        token (its first token needs logits of its own)."""
+        slot = min(free, key=lambda s: len(s.cached))   # the free slot with the least cache to lose
+        keep = len(active.request.prompt_tokens) - 1
+        # A slot has a KV stream of its own, so llama.cpp copies the leader's whole stream, at the next decode.
+        llama_cpp.llama_memory_seq_cp(self.memory, leader.seq_id, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
+        slot.cached = leader.cached[:keep]
+        slot.state, slot.active = SlotState.READING_PROMPT, active
+        active.n_cached = keep
+        active.pending_prompt = active.request.prompt_tokens[keep:]
+        self.stats.tokens_reused += keep
 
     def _fill_batch(self):
         """Fill the llama_batch; returns [(slot, tokens added, logits index or None)]."""
@@ -617,6 +653,8 @@ class Engine:
         # choice, so re-reading the answer makes it depend on the conversation's text
         # alone, whichever slot or replica serves the next turn.
         n_prompt = len(active.request.prompt_tokens)
+        if active.request.fork_of is not None and self.aligned_chunk:
+            n_prompt -= 1   # its last prompt token was read alone, not in the chunk a cold slot reads it in
         if not self.config.cache_answers and len(slot.cached) > n_prompt:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, n_prompt, -1)
             del slot.cached[n_prompt:]

@@ -13,6 +13,7 @@ belong in the other modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,9 @@ from api_errors import ApiError, RequestTimedOut, api_error
 from chat_prompt import ChatPrompter, ContextOverflow
 from chat_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from chat_response import Exchange
-from llama_engine import Engine, PromptTooLong, Update
+from llama_engine import Engine, GenerationRequest, PromptTooLong, RequestHandle, Update
 from llama_metrics import MetricsReporter
-from llama_settings import engine_config, load_settings, request_timeout_s
+from llama_settings import workers_sharing_cpus, engine_config, load_settings, request_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class LlamaHandler:
         self.model_name = context.manifest.get("model", {}).get("modelName", "llama")
         model_path = os.path.join(props["model_dir"], settings.model_path)   # an absolute model_path stays as it is
         config = engine_config(settings, batch_size=int(props.get("batch_size") or 1),
-                               n_workers=int(model_config.get("minWorkers") or 1), gpu_id=props.get("gpu_id"))
+                               n_workers=workers_sharing_cpus(model_config), gpu_id=props.get("gpu_id"))
         self.continuous = bool(model_config.get("continuousBatching", False))
         self.step_budget_s = settings.step_budget_ms / 1000.0
         # In continuous batching each handler call is short, so TorchServe's
@@ -151,14 +152,14 @@ class LlamaHandler:
             generation = request.to_generation_request(self.settings)
             self._check_token_ids(generation.sampling.logit_bias)
             generation.prompt_tokens, dropped = self._fit_prompt(request, generation.max_tokens)
-            handle = self.engine.submit(rid, generation)
+            handles = self._submit_choices(rid, generation, request.n or 1)
         except Exception as e:  # the worker must outlive any single request
             error = api_error(e)
             if error.status >= 500:
                 logger.exception("request %s failed", rid)
             _set_headers(context, idx, "application/json", error.status)
             return error.to_json()
-        self.exchanges[rid] = Exchange([handle], request, route, self.model_name, dropped, self.engine.n_ctx_seq)
+        self.exchanges[rid] = Exchange(handles, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
         return None
 
     def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> tuple[list[int], int]:
@@ -182,6 +183,22 @@ class LlamaHandler:
         except (ContextOverflow, PromptTooLong) as e:
             e.add_note(f"max_tokens {max_tokens} is reserved for the answer; context length {n_ctx}")
             raise
+
+    def _submit_choices(self, rid, generation: GenerationRequest, n: int) -> list[RequestHandle]:
+        """One engine request per choice: the first reads the prompt, the others copy its KV
+        (fork_of) and sample with their own sampler, the seed offset by the choice's index."""
+        handles = [self.engine.submit(rid, generation)]
+        seed = generation.sampling.seed
+        try:
+            for i in range(1, n):
+                sampling = dataclasses.replace(generation.sampling, seed=None if seed is None else seed + i)
+                choice = dataclasses.replace(generation, sampling=sampling, fork_of=rid)
+                handles.append(self.engine.submit(f"{rid}#{i}", choice))
+        except Exception:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     def _check_token_ids(self, logit_bias: dict[int, float]) -> None:
         unknown = sorted(t for t in logit_bias if t >= self.engine.n_vocab)

@@ -164,6 +164,27 @@ def test_a_whole_answer_comes_in_the_call_that_finishes_it(server):
     assert answer["context"] == {"messages_dropped": 0, "context_length": 256}
 
 
+def test_n_choices_each_run_as_an_engine_request_and_usage_counts_them_all(server):
+    out = server.call({"a": {"messages": HI, "n": 3, "seed": 7, "max_tokens": 2}})["a"]
+    answer = json.loads(out["output"]) if out["last"] is None else None
+    while answer is None:
+        out = server.call({"a": None})["a"]
+        answer = json.loads(out["output"]) if out["last"] else None
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert all(c["message"]["content"] == "w1 w2 " for c in answer["choices"])
+    assert answer["usage"]["completion_tokens"] == 6
+    sent = server.engine.submitted
+    assert list(sent) == ["a", "a#1", "a#2"] and [r.sampling.seed for r in sent.values()] == [7, 8, 9]
+    assert [r.fork_of for r in sent.values()] == [None, "a", "a"]
+
+
+def test_n_choices_stream_with_their_index_and_a_client_that_left_cancels_them_all(server):
+    first = server.call({"a": {"messages": HI, "n": 2, "stream": True, "max_tokens": 5}})["a"]
+    assert sorted(f["choices"][0]["index"] for f in chunks(first["output"])) == [0, 1]
+    server.call({"b": {"messages": HI}})
+    assert sorted(server.engine.cancelled) == ["a", "a#1"]
+
+
 def test_request_values_then_server_settings_reach_the_engine(tmp_path):
     ts = TorchServe(tmp_path, model_config(sampling={"temperature": 0.3, "top_k": 5}))
     ts.call({"a": {"messages": HI, "top_k": 9, "stop": "END", "ignore_eos": True}})

@@ -141,6 +141,17 @@ def test_greedys_token_has_the_highest_logprob_and_the_logprobs_are_a_distributi
         assert e.logprob <= 0 and sum(math.exp(lp) for _, lp in e.top) <= 1.0 + 1e-6
 
 
+def test_forked_choices_copy_the_prompts_kv_and_greedy_forks_answer_alike(engine, prompter):
+    prompt = prompter.tokens([{"role": "user", "content": "Write a haiku about the sea."}])
+    engine.clear_cache()
+    before = engine.stats.tokens_prefilled
+    texts, _ = generate(engine, {"lead": GenerationRequest(prompt, 16, SamplingParams(temperature=0)),
+                                 **{f"lead#{i}": GenerationRequest(prompt, 16, SamplingParams(temperature=0),
+                                                                   fork_of="lead") for i in (1, 2)}})
+    assert texts["lead#1"] == texts["lead#2"] == texts["lead"] != ""
+    assert engine.stats.tokens_prefilled - before == len(prompt) + 2   # each fork reads only the last token
+
+
 # ---- tool calls: the parser and the prompt, without a model -----------------------------------
 
 HERMES = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
@@ -327,6 +338,20 @@ def test_plain_completion_logprobs_have_the_legacy_shape(torchserve):
     assert all(len(alternatives) <= 2 for alternatives in logprobs["top_logprobs"])
 
 
+def test_openai_client_n_3_gives_three_choices_and_usage_counts_all(openai_client):
+    ask = {"model": "llama", "messages": ASK_WEATHER, "max_tokens": 5, "temperature": 1.0, "seed": 3, "n": 3,
+           "extra_body": {"ignore_eos": True}}
+    reply = openai_client.chat.completions.create(**ask)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and all(c.message.content for c in reply.choices)
+    assert reply.usage.completion_tokens == 15
+    assert len({c.message.content for c in reply.choices}) > 1     # seeds 3, 4, 5
+    streamed = {}
+    for chunk in openai_client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert sorted(streamed) == [0, 1, 2] and all(streamed.values())
+
+
 REFUSALS = {
     "schema_the_converter_cannot_take": (
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}},
@@ -350,6 +375,7 @@ REFUSALS = {
             "n": {"type": "integer", "maximum": 3}}}}}], "tool_choice": "required"}, "tools", "`maximum`"),
     "response_format_beside_tools_the_model_may_call": (
         {"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "cannot be combined"),
+    "n_above_8": ({"n": 9}, "n", "less than or equal to 8"),
     "top_logprobs_without_logprobs": ({"top_logprobs": 3}, "top_logprobs", "needs logprobs true"),
     "top_logprobs_above_20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     "tool_calls_on_a_user_message": (
