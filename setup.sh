@@ -19,7 +19,7 @@ apt_install() {
 }
 
 if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'; then
-  echo "== installing a Java 17 runtime (TorchServe's frontend needs it)"
+  echo "== installing Java 17 (TorchServe's frontend runs on it; its JDK compiles torchserve_fix/)"
   apt_install openjdk-17-jdk-headless
 fi
 

@@ -9,7 +9,7 @@ from chatstack.model_archive import ArchiveInfo
 from chatstack.model_registry import ModelVersion
 from chatstack.process_stats import rss_mb
 
-WORKER_COLUMNS = ["model", "version", "worker", "status", "pid", "memory MB", "started"]
+WORKER_COLUMNS = ["model", "version", "worker", "status", "pid", "slots in use", "memory MB", "started"]
 QUEUE_COLUMNS = ["model", "version", "pending requests", "free queue places"]
 
 
@@ -51,14 +51,17 @@ def model_rows(models: list[ModelVersion]) -> list[dict]:
              "response timeout s": m.settings.response_timeout} for m in models]
 
 
-def worker_rows(models: list[ModelVersion]) -> list[dict]:
+def worker_rows(models: list[ModelVersion], slots: dict[int, tuple[int, int]] | None = None) -> list[dict]:
+    """One row per worker; `slots` (metrics_history.slots_by_worker) gives its slots in use."""
     rows = []
     for m in models:
         for w in m.workers:
             reported = (w.get("memoryUsage") or 0) / 1e6
             memory = rss_mb(w.get("pid")) or (reported or None)
+            used = (slots or {}).get(w.get("pid"))
             rows.append({"model": m.name, "version": m.version + (" (default)" if m.is_default else ""),
                          "worker": w.get("id"), "status": w.get("status"), "pid": w.get("pid"),
+                         "slots in use": f"{used[0]} of {sum(used)}" if used else "–",
                          "memory MB": round(memory, 1) if memory else None, "started": w.get("startTime")})
     return rows
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from chatstack.metric_names import (PROMPT_TOKENS_EVALUATED, PROMPT_TOKENS_REUSED, REQUESTS_FINISHED,
-                                    TOKENS_GENERATED, declared_metrics)
+from chatstack.metric_names import (PROMPT_TOKENS_EVALUATED, PROMPT_TOKENS_REUSED, REQUESTS_FINISHED, SLOTS_ACTIVE,
+                                    SLOTS_FREE, TIME_TO_FIRST_TOKEN_MS, TOKENS_GENERATED, declared_metrics)
 from chatstack.torchserve_client import TorchServeClient
 
 
@@ -18,15 +18,34 @@ class MetricsSnapshot:
     finished_by_reason: dict[str, float]   # REQUESTS_FINISHED by Reason
 
 
+# Gauges of one request's figures (the handler reports them per worker): averaged over the
+# workers, where counters and slot gauges add up.
+AVERAGED = {TIME_TO_FIRST_TOKEN_MS, "llama_tokens_per_second"}
+
+
 def snapshot(client: TorchServeClient) -> MetricsSnapshot:
     totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     finished: dict[str, float] = {}
     for name, labels, value in client.metric_samples():
         totals[name] = totals.get(name, 0.0) + value
+        counts[name] = counts.get(name, 0) + 1
         if name == REQUESTS_FINISHED:
             reason = labels.get("Reason", "?")
             finished[reason] = finished.get(reason, 0.0) + value
+    for name in AVERAGED & totals.keys():
+        totals[name] /= counts[name]
     return MetricsSnapshot(at=time.time(), totals=totals, finished_by_reason=finished)
+
+
+def slots_by_worker(samples: list[tuple[str, dict[str, str], float]]) -> dict[int, tuple[int, int]]:
+    """Each worker's (slots in use, slots free), by worker pid, from the handler's per-worker gauges."""
+    slots: dict[int, list[int]] = {}
+    for name, labels, value in samples:
+        if name in (SLOTS_ACTIVE, SLOTS_FREE) and labels.get("WorkerPid", "").isdigit():
+            pair = slots.setdefault(int(labels["WorkerPid"]), [0, 0])
+            pair[name == SLOTS_FREE] = int(value)
+    return {pid: (active, free) for pid, (active, free) in slots.items()}
 
 
 class MetricsHistory:

@@ -238,8 +238,10 @@ class TorchServeProcess:
             cmd += ["--log-config", str(self.log_config)]
         if models:
             cmd += ["--models", models]
+        # PYTHONFAULTHANDLER: a worker killed by a signal (say, SIGSEGV in llama.cpp) then writes
+        # "Fatal Python error" and its stack to model_log.log, which worker_failures.py reports.
         env = {**os.environ, "TMPDIR": str(self.run_dir / "tmp"), "LOG_LOCATION": str(self.log_dir),
-               "METRICS_LOCATION": str(self.log_dir)}
+               "METRICS_LOCATION": str(self.log_dir), "PYTHONFAULTHANDLER": "1"}
         out = open(self.run_dir / "torchserve.out", "wb")
         self._popen = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)

@@ -7,6 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from chatstack.console_display import QUEUE_COLUMNS, WORKER_COLUMNS, queue_rows, worker_rows
+from chatstack.metrics_history import slots_by_worker
+from chatstack.torchserve_client import TorchServeError
 from chatstack.worker_failures import last_worker_failure
 from console_pages.shared import console_process, read_models
 
@@ -21,6 +23,10 @@ def live_status():
     models, not_listed = read_models(process, process.client(timeout=5))
     running = process.is_running()
     failure = last_worker_failure(process.log_dir)
+    try:
+        slots = slots_by_worker(process.client(timeout=5).metric_samples()) if running else {}
+    except TorchServeError:
+        slots = {}   # the table still shows the workers; only their slots are unknown
 
     # ---- draw
     if not_listed:
@@ -30,7 +36,7 @@ def live_status():
     if not running:
         st.info("TorchServe is stopped.")
     else:
-        rows = worker_rows(models)
+        rows = worker_rows(models, slots)
         st.markdown(f"**Workers** — {sum(r['status'] == 'READY' for r in rows)} READY of {len(rows)}")
         st.dataframe(pd.DataFrame(rows, columns=WORKER_COLUMNS), hide_index=True)
         st.markdown("**Job queue**")

@@ -9,6 +9,7 @@ must parse.
 
 from __future__ import annotations
 
+import os
 import time
 
 from llama_engine import EngineStats
@@ -75,8 +76,9 @@ class MetricsReporter:
                 self.sent[key] = total
 
         def gauge(name, value, unit="Count"):
+            # Per worker: with several workers a gauge without it would show whichever reported last.
             if value is not None:
-                self.metrics.add_metric(name, value, unit, None, dims(), MetricTypes.GAUGE)
+                self.metrics.add_metric(name, value, unit, None, dims(WorkerPid=str(os.getpid())), MetricTypes.GAUGE)
 
         for name, attr in _COUNTED_STATS.items():
             counter(name, getattr(stats, attr))

@@ -49,7 +49,7 @@ class HandlerSettings(BaseModel):
     model_path: str = "model.gguf"          # relative to the archive's folder, or absolute
     n_ctx: PositiveInt = 2048               # context length of each chat (each slot), in tokens
     n_slots: Count = 0                      # 0: batchSize
-    n_threads: Count = 0                    # 0: the worker's CPUs / minWorkers
+    n_threads: Count = 0                    # 0: the worker's CPUs / max(minWorkers, maxWorkers)
     n_batch: PositiveInt = 512
     prefill_chunk: PositiveInt = 256
     step_budget_ms: Annotated[float, Field(ge=0.0)] = 50.0
@@ -117,6 +117,13 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+def workers_sharing_cpus(model_yaml_config: dict | None) -> int:
+    """How many workers of this model may share the CPUs: the most it can be scaled to
+    (maxWorkers), at least minWorkers, so scaling up does not oversubscribe the cores."""
+    config = model_yaml_config or {}
+    return max(1, int(config.get("minWorkers") or 1), int(config.get("maxWorkers") or 1))
 
 
 def engine_config(settings: HandlerSettings, batch_size: int, n_workers: int, gpu_id: int | None,

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from chatstack import torchserve_process
+from chatstack.metrics_history import slots_by_worker
 from chatstack.torchserve_client import TorchServeError
 from chatstack.torchserve_process import StartError, TorchServeProcess
 from conftest import ROOT, free_port_overrides, package
@@ -137,6 +138,20 @@ def test_a_new_chat_goes_to_the_idle_worker_while_the_other_is_busy(two_workers)
     long_chat.close()  # TorchServe drops it, the handler frees its slot
     assert result["finish"] == "length" and still["choices"][0]["finish_reason"] is None
     assert third[idle] - second[idle] > 0.05, "the new chat was not served by the idle worker"
+
+
+def test_metrics_show_each_workers_slots_in_use(two_workers):
+    pids = set(worker_cpu_s(two_workers))
+    long_chat = two_workers.client().chat_stream(MODEL, HELLO, timeout=STALL_S, **{**ANSWER, "max_tokens": 1000})
+    next(long_chat)
+    deadline = time.monotonic() + 2.5   # the handler publishes its gauges at most once a second
+    while time.monotonic() < deadline:
+        next(long_chat)
+    slots = slots_by_worker(two_workers.client().metric_samples())
+    long_chat.close()
+    assert slots and set(slots) <= pids, f"slot gauges of {set(slots)}, workers {pids}"
+    assert sorted(active for active, _ in slots.values())[-1] == 1, slots   # the busy worker holds the chat
+    assert all(active + free == 8 for active, free in slots.values()), slots   # each worker has its own 8 slots
 
 
 # ---- start-up refuses a TorchServe without the fix -----------------------------------------------
