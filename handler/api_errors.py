@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from chat_prompt import ContextOverflow
+from chat_prompt import ContextOverflow, TemplateRefused
 from llama_engine import InvalidGrammar, PromptTooLong
 
 
@@ -49,6 +49,7 @@ class GenerationFailed(RuntimeError):
 # exception -> (HTTP status, error type, parameter); the message is the exception's, with its notes.
 ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
     ContextOverflow: (400, "invalid_request_error", "messages"),   # a chat that cannot fit
+    TemplateRefused: (400, "invalid_request_error", "messages"),   # the chat template raised
     PromptTooLong: (400, "invalid_request_error", "prompt"),       # a plain completion that cannot fit
     InvalidGrammar: (400, "invalid_request_error", "grammar"),     # GBNF llama.cpp cannot parse
     RequestTimedOut: (504, "timeout", None),

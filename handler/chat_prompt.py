@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from reasoning import opens_reasoning
 
 # Used only when a GGUF carries no `tokenizer.chat_template`.
 CHATML_TEMPLATE = (
@@ -27,10 +30,18 @@ class ContextOverflow(ValueError):
         self.n_fit = n_fit
 
 
+class TemplateRefused(ValueError):
+    """The chat template could not render these messages (it raised, e.g. "roles must alternate")."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the model's chat template cannot render these messages: {detail}")
+
+
 @dataclass
 class FittedPrompt:
     tokens: list[int]
     messages_dropped: int
+    opens_reasoning: bool = False    # the prompt ends inside <think>: the answer starts with thinking
 
 
 class ChatPrompter:
@@ -48,7 +59,10 @@ class ChatPrompter:
         return "tools" in self.template
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
-        return self._formatter(messages=messages, tools=tools, **template_kwargs).prompt
+        try:
+            return self._formatter(messages=messages, tools=tools, **template_kwargs).prompt
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise TemplateRefused(str(e)) from None
 
     def tokens(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> list[int]:
         return self._tokenize(self.render(messages, tools, **template_kwargs))
@@ -58,9 +72,14 @@ class ChatPrompter:
         """Keep leading system messages and the newest turns whose prompt has
         at most n_fit tokens (a rolling window). Raises ContextOverflow when
         even the last message cannot fit."""
-        tokens = self.tokens(messages, tools, **template_kwargs)
-        if len(tokens) <= n_fit:
-            return FittedPrompt(tokens, 0)
+        def fitted(window: list[dict], dropped: int) -> FittedPrompt | None:
+            text = self.render(window, tools, **template_kwargs)
+            tokens = self._tokenize(text)
+            return FittedPrompt(tokens, dropped, opens_reasoning(text)) if len(tokens) <= n_fit else None
+
+        whole = fitted(messages, 0)
+        if whole is not None:
+            return whole
         n_system = 0
         while n_system < len(messages) and messages[n_system]["role"] == "system":
             n_system += 1
@@ -70,8 +89,8 @@ class ChatPrompter:
             # Start the window on a user turn: templates expect user first.
             if kept[0]["role"] != "user":
                 continue
-            tokens = self.tokens(system + kept, tools, **template_kwargs)
-            if len(tokens) <= n_fit:
-                return FittedPrompt(tokens, drop)
-        last = self.tokens(system + turns[-1:], tools, **template_kwargs) if turns else tokens
+            window = fitted(system + kept, drop)
+            if window is not None:
+                return window
+        last = self.tokens(system + (turns[-1:] or messages), tools, **template_kwargs)
         raise ContextOverflow(len(last), n_fit, "the last message does not fit in the context even after dropping all earlier turns")

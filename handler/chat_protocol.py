@@ -32,6 +32,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 4096
 MAX_CHOICES = 8
+# What the chat template gets from the server: chat_template_kwargs may not set these.
+TEMPLATE_VARIABLES = {"messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
+                      "bos_token", "eos_token", "raise_exception", "strftime_now"}
 _SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
 
@@ -311,6 +314,16 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # default auto with tools
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    # llama.cpp extra: more variables for the chat template (e.g. enable_thinking)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_the_templates_own(cls, v):
+        taken = sorted(set(v or {}) & TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"{taken[0]!r} is set by the server (from the request's own fields), not here")
+        return v
 
     @model_validator(mode="after")
     def _tool_choice_with_tools(self):

@@ -3,7 +3,8 @@ OpenAI server-sent events on /v1/..., newline-delimited JSON chunks on the bare
 /predictions route, or one JSON object when not streaming.
 
 An answer has one choice per engine request (`n` of them); each choice's text is split
-into content and tool calls (tool_calls.ToolCallParser) as it arrives."""
+into reasoning (reasoning.ReasoningSplitter), content and tool calls
+(tool_calls.ToolCallParser) as it arrives."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import uuid
 from api_errors import ApiError, GenerationFailed, api_error
 from chat_protocol import ChatCompletionRequest
 from llama_engine import FINISH_STOP, RequestHandle, TokenLogprob, Update
+from reasoning import ReasoningSplitter
 from tool_calls import ToolCallParser
 
 
@@ -22,9 +24,11 @@ class Choice:
     """One choice of an answer: the engine request behind it, and what it said so far."""
 
     def __init__(self, index: int, handle: RequestHandle, parse_tools: bool, max_calls: int | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, reasoning: ReasoningSplitter | None = None):
         self.index = index
         self.handle = handle
+        self.reasoning = reasoning
+        self.thought: list[str] = []
         self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self.tools = ToolCallParser(max_calls) if parse_tools else None
         self.content: list[str] = []
@@ -38,7 +42,13 @@ class Choice:
 
     def take(self, upd: Update) -> dict:
         """What this update adds, as a delta: content and tool_calls fragments."""
-        text, calls = upd.text, []
+        text, calls, thought = upd.text, [], ""
+        if self.reasoning is not None:
+            thought, text = self.reasoning.feed(text)
+            if upd.finished:
+                more_thought, more_text = self.reasoning.finish()
+                thought, text = thought + more_thought, text + more_text
+            self.thought.append(thought)
         if self.tools is not None:
             text, calls = self.tools.feed(text)
             if upd.finished:
@@ -52,6 +62,8 @@ class Choice:
             called = self.tools is not None and self.tools.calls
             self.finish_reason = "tool_calls" if called and upd.finish_reason == FINISH_STOP else upd.finish_reason
         delta = {}
+        if thought:
+            delta["reasoning_content"] = thought
         if text:
             delta["content"] = text
         if calls:
@@ -64,6 +76,8 @@ class Choice:
         text = "".join(self.content)
         calls = self.tools.calls if self.tools is not None else []
         message = {"role": "assistant", "content": None if calls and not text.strip() else text}
+        if "".join(self.thought):
+            message["reasoning_content"] = "".join(self.thought)
         if calls:
             message["tool_calls"] = calls
         return message
@@ -73,14 +87,17 @@ class Exchange:
     """One request's answer, rendered step by step in the format its route asks for, and
     the engine requests it answers (one per choice: `handles`, to cancel them)."""
 
-    def __init__(self, handles: list[RequestHandle], request, route, model_name, messages_dropped, n_ctx):
+    def __init__(self, handles: list[RequestHandle], request, route, model_name, messages_dropped, n_ctx,
+                 opens_reasoning: bool = False):
         self.handles = handles
         self.started_at = time.monotonic()
         self.is_chat = isinstance(request, ChatCompletionRequest)
         parse_tools = self.is_chat and request.tool_mode != "none"
         max_calls = 1 if parse_tools and request.parallel_tool_calls is False else None
         logprobs = request.top_logprobs_wanted() is not None
-        self.choices = [Choice(i, h, parse_tools, max_calls, logprobs) for i, h in enumerate(handles)]
+        self.choices = [Choice(i, h, parse_tools, max_calls, logprobs,
+                               ReasoningSplitter(opens_reasoning) if self.is_chat else None)
+                        for i, h in enumerate(handles)]
         self.sse = route in ("chat", "completion")
         self.stream = request.stream
         self.model_name = model_name

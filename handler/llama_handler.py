@@ -151,7 +151,7 @@ class LlamaHandler:
             request = parse_request(body, route)
             generation = request.to_generation_request(self.settings)
             self._check_token_ids(generation.sampling.logit_bias)
-            generation.prompt_tokens, dropped = self._fit_prompt(request, generation.max_tokens)
+            generation.prompt_tokens, dropped, thinking = self._fit_prompt(request, generation.max_tokens)
             handles = self._submit_choices(rid, generation, request.n or 1)
         except Exception as e:  # the worker must outlive any single request
             error = api_error(e)
@@ -159,12 +159,15 @@ class LlamaHandler:
                 logger.exception("request %s failed", rid)
             _set_headers(context, idx, "application/json", error.status)
             return error.to_json()
-        self.exchanges[rid] = Exchange(handles, request, route, self.model_name, dropped, self.engine.n_ctx_seq)
+        self.exchanges[rid] = Exchange(handles, request, route, self.model_name, dropped, self.engine.n_ctx_seq,
+                                       opens_reasoning=thinking)
         return None
 
-    def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> tuple[list[int], int]:
-        """The prompt's tokens, leaving max_tokens of the context for the answer, and how
-        many earlier messages of a chat were left out to fit (a rolling window)."""
+    def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest,
+                    max_tokens: int) -> tuple[list[int], int, bool]:
+        """The prompt's tokens, leaving max_tokens of the context for the answer, how many
+        earlier messages of a chat were left out to fit (a rolling window), and whether the
+        prompt opened the model's thinking."""
         n_ctx = self.engine.n_ctx_seq
         if max_tokens >= n_ctx:
             raise ApiError(f"max_tokens: {max_tokens} is more than the context allows "
@@ -174,12 +177,13 @@ class LlamaHandler:
             if isinstance(request, ChatCompletionRequest):
                 native = self.prompter.supports_tools
                 fitted = self.prompter.fit(request.template_messages(native), n_fit,
-                                           tools=request.tools_for_prompt() if native else None)
-                return fitted.tokens, fitted.messages_dropped
+                                           tools=request.tools_for_prompt() if native else None,
+                                           **(request.chat_template_kwargs or {}))
+                return fitted.tokens, fitted.messages_dropped, fitted.opens_reasoning
             tokens = self.engine.tokenize(request.prompt, add_special=True, parse_special=False)
             if len(tokens) > n_fit:
                 raise PromptTooLong(len(tokens), n_fit)
-            return tokens, 0
+            return tokens, 0, False
         except (ContextOverflow, PromptTooLong) as e:
             e.add_note(f"max_tokens {max_tokens} is reserved for the answer; context length {n_ctx}")
             raise

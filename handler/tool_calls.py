@@ -23,6 +23,7 @@ import re
 import uuid
 
 from structured_output import schema_converter
+from tagged_text import partial_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -144,7 +145,7 @@ class ToolCallParser:
             if self.inside is None:
                 at = self.pending.find(OPEN)
                 if at < 0:
-                    keep = _partial_tail(self.pending, OPEN)
+                    keep = partial_tail(self.pending, OPEN)
                     content.append(self.pending[: len(self.pending) - keep])
                     self.pending = self.pending[len(self.pending) - keep:]
                     break
@@ -153,7 +154,7 @@ class ToolCallParser:
             else:
                 end = self.pending.find(CLOSE)
                 if end < 0:
-                    keep = _partial_tail(self.pending, CLOSE)
+                    keep = partial_tail(self.pending, CLOSE)
                     self.inside += self.pending[: len(self.pending) - keep]
                     self.pending = self.pending[len(self.pending) - keep:]
                     deltas += self._parse_inside()
@@ -278,14 +279,5 @@ class ToolCallParser:
             deltas.append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
         return deltas
 
-
     def _full(self) -> bool:
         return self.max_calls is not None and len(self.calls) >= self.max_calls
-
-
-def _partial_tail(text: str, tag: str) -> int:
-    """Length of the longest end of text that is a start of tag (held back: it may become the tag)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0

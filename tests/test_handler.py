@@ -18,7 +18,7 @@ from ts.context import Context, RequestProcessor
 
 import llama_handler
 from api_errors import ApiError, GenerationFailed, RequestTimedOut, api_error
-from chat_prompt import ContextOverflow
+from chat_prompt import ContextOverflow, TemplateRefused
 from llama_engine import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, EngineStats, PromptTooLong,
                           RequestHandle, Update)
 from llama_settings import HandlerSettings, SettingsError, engine_config, load_settings
@@ -284,6 +284,7 @@ def test_dynamic_batch_times_out_each_request_with_its_own_error(classic):
     (ApiError("top_p: too big", param="top_p"), 400, "invalid_request_error", "top_p"),
     (ContextOverflow(3000, 240, "the last message does not fit"), 400, "invalid_request_error", "messages"),
     (PromptTooLong(3000, 240), 400, "invalid_request_error", "prompt"),
+    (TemplateRefused("Conversation roles must alternate"), 400, "invalid_request_error", "messages"),
     (RequestTimedOut(300), 504, "timeout", None),
     (GenerationFailed("llama_decode failed"), 500, "server_error", None),
     (KeyError("x"), 500, "server_error", None),

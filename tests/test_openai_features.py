@@ -20,6 +20,7 @@ from chat_prompt import ChatPrompter
 from llama_engine import Engine, GenerationRequest, InvalidGrammar, SamplingParams
 from llama_settings import HandlerSettings, engine_config
 from structured_output import json_schema as schema_constraint
+from reasoning import ReasoningSplitter
 from tool_calls import ToolCallParser, template_messages
 
 PERSON_SCHEMA = {
@@ -227,6 +228,36 @@ def test_a_template_with_tools_renders_them_and_the_calls_itself():
                     '<tool>18 degrees, sunny[for call_1]')
 
 
+# ---- reasoning -----------------------------------------------------------------------------
+
+def split_in_pieces(text: str, size: int, thinking=False) -> tuple[str, str]:
+    splitter, reasoning, content = ReasoningSplitter(thinking), "", ""
+    for i in range(0, len(text), size):
+        r, c = splitter.feed(text[i:i + size])
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.finish()
+    return reasoning + r, content + c
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+@pytest.mark.parametrize("text, thinking, expected", [
+    ("<think>Two and two.</think>\n\nIt is 4.", False, ("Two and two.", "It is 4.")),
+    ("It is 4. <think>no</think>", False, ("", "It is 4. <think>no</think>")),
+    ("Two and two.</think> It is 4.", True, ("Two and two.", "It is 4.")),    # the template opened <think>
+    ("<think>cut off befo", False, ("cut off befo", "")),
+])
+def test_thinking_at_the_start_is_reasoning_and_the_rest_content(size, text, thinking, expected):
+    assert split_in_pieces(text, size, thinking) == expected
+
+
+def test_chat_template_kwargs_reach_the_template_and_a_prompt_opening_think_is_noticed():
+    template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                "{% if enable_thinking %}<think>{% endif %}")
+    prompter = ChatPrompter(template, "", "", lambda text: list(text.encode()))
+    assert prompter.fit([{"role": "user", "content": "hi"}], 100, enable_thinking=True).opens_reasoning
+    assert not prompter.fit([{"role": "user", "content": "hi"}], 100, enable_thinking=False).opens_reasoning
+
+
 # ---- through TorchServe ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -352,6 +383,23 @@ def test_openai_client_n_3_gives_three_choices_and_usage_counts_all(openai_clien
     assert sorted(streamed) == [0, 1, 2] and all(streamed.values())
 
 
+THINK_THEN_ANSWER = 'root ::= "<think>" [a-z ]{3,20} "</think>" [a-z ]{3,20}'
+
+
+def test_thinking_comes_back_as_reasoning_content_plain_and_streamed(openai_client):
+    ask = {"model": "llama", "messages": ASK_WEATHER, "max_tokens": 48, "temperature": 0,
+           "extra_body": {"grammar": THINK_THEN_ANSWER, "chat_template_kwargs": {"enable_thinking": True}}}
+    message = openai_client.chat.completions.create(**ask).choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning and message.content and "<think>" not in message.content + reasoning
+    streamed = {"reasoning_content": "", "content": ""}
+    for chunk in openai_client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            streamed["content"] += c.delta.content or ""
+            streamed["reasoning_content"] += (c.delta.model_extra or {}).get("reasoning_content") or ""
+    assert streamed == {"reasoning_content": reasoning, "content": message.content}
+
+
 REFUSALS = {
     "schema_the_converter_cannot_take": (
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "tuple"}}}},
@@ -376,6 +424,8 @@ REFUSALS = {
     "response_format_beside_tools_the_model_may_call": (
         {"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "cannot be combined"),
     "n_above_8": ({"n": 9}, "n", "less than or equal to 8"),
+    "chat_template_kwargs_setting_messages": ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs",
+                                              "is set by the server"),
     "top_logprobs_without_logprobs": ({"top_logprobs": 3}, "top_logprobs", "needs logprobs true"),
     "top_logprobs_above_20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     "tool_calls_on_a_user_message": (
