@@ -261,11 +261,9 @@ def test_server_settings_come_from_the_run_folder_unless_set(tmp_path):
 
 
 @pytest.fixture
-def crashing_torchserve(model_store, monkeypatch):
-    """A TorchServe of the test's own (its worker is killed) whose workers report a fatal
-    signal in the log, as Python's faulthandler does. Not pytest's tmp_path: a concurrent
-    pytest run may delete that under a live server."""
-    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+def crashing_torchserve(model_store):
+    """A TorchServe of the test's own, since the test kills its worker. Not pytest's
+    tmp_path: a concurrent pytest run may delete that under a live server."""
     base = Path(tempfile.mkdtemp(prefix="chatstack-crash-"))
     server = start_server(model_store, base / "run")
     yield server
