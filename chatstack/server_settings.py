@@ -30,16 +30,10 @@ class LocalServer:
     """The TorchServe of this install, as its run folder describes it (running or not)."""
 
     run_dir: Path
+    key_file: Path     # where TorchServeProcess keeps them in that folder
+    log_dir: Path
     inference_url: str
     management_url: str
-
-    @property
-    def key_file(self) -> Path:
-        return self.run_dir / "key_file.json"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
 
     @classmethod
     def find(cls, env: Mapping[str, str] | None = None) -> "LocalServer":
@@ -59,7 +53,7 @@ class LocalServer:
         def address(kind: str) -> str:
             return _local_address(started.get(f"{kind}_address") or process.address(kind))
 
-        return cls(process.run_dir, address("inference"), address("management"))
+        return cls(process.run_dir, process.key_file, process.log_dir, address("inference"), address("management"))
 
 
 def _local_address(url: str) -> str:
