@@ -47,6 +47,13 @@ DEFAULT_PROMPTS = [
     "Give step-by-step instructions for baking bread at home.",
 ]
 
+# The two sampling settings the benchmarks compare (the same on every server):
+# greedy with no penalties (the argmax fast path), and the chat defaults of model-config.yaml
+# and the chat client (llama.cpp's sampler chain), each request with its own seed (LoadSpec.seed).
+GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
+SAMPLED = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1}
+SAMPLINGS = {"greedy": GREEDY, "sampled": SAMPLED}
+
 
 def endpoint(base: str, model: str = "llama", route: str = "bare", version: str | None = None) -> str:
     """The URL of the chat endpoint on a TorchServe inference address."""
@@ -76,6 +83,7 @@ class LoadSpec:
     timeout: float = 600.0                    # per request, seconds (connect and between reads)
     extra: dict = field(default_factory=dict)  # more body fields (top_k, seed, ...)
     sse: bool | None = None                   # None: decided from the URL (/v1/ = SSE)
+    seed: int | None = None                   # seed of the first request; each request gets its own (seed + n)
 
 
 @dataclass
@@ -138,6 +146,8 @@ def one_request(session: requests.Session, spec: LoadSpec, stream: int, index: i
             **spec.extra}
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
+    if spec.seed is not None:
+        body["seed"] = spec.seed + stream * spec.requests_per_stream + index
     headers = {"Authorization": f"Bearer {spec.key}"} if spec.key else {}
     sse = spec.sse if spec.sse is not None else "/v1/" in spec.url
     res.start = time.monotonic()
@@ -269,14 +279,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: a fixed set of 8)")
-    p.add_argument("--extra", default="{}", help="JSON object of more body fields, e.g. '{\"seed\": 1}'")
+    p.add_argument("--extra", default="{}", help="JSON object of more body fields, e.g. '{\"top_k\": 40}'")
+    p.add_argument("--seed", type=int, help="seed of the first request; each request gets its own (seed + n)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", action="store_true", help="print the summary and every request as JSON")
     a = p.parse_args(argv)
     key = a.key or (read_key(a.key_file) if a.key_file else None)
     spec = LoadSpec(url=a.url or endpoint(a.base, a.model, a.route, a.version), concurrency=a.concurrency,
                     requests_per_stream=a.requests_per_stream, max_tokens=a.max_tokens, temperature=a.temperature,
-                    prompts=a.prompt or list(DEFAULT_PROMPTS), key=key, timeout=a.timeout, extra=json.loads(a.extra))
+                    prompts=a.prompt or list(DEFAULT_PROMPTS), key=key, timeout=a.timeout, extra=json.loads(a.extra), seed=a.seed)
     results, wall = run_load(spec)
     summary = summarize(results, wall)
     if a.json:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import fast_sampling
 import llama_cpp
 import numpy as np
 # The pinned llama-cpp-python's thin owners of the native model/context/batch
@@ -350,6 +351,7 @@ class Engine:
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_vocab = self.model.n_vocab()
         self.batch = LlamaBatch(n_tokens=config.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._prefilter = fast_sampling.Prefilter(threads=min(8, config.n_threads))   # _choose_token's candidates
         # Without cache_answers, a prompt is read in chunks at fixed positions, [k*chunk, (k+1)*chunk),
         # so that its KV is the same whatever was cached before (see _admit_waiting). A chunk must
         # fit in a batch beside one token of every other slot, hence the cap (prefill_chunk in any
@@ -604,11 +606,27 @@ class Engine:
         updates[active.id] = self._update(active, text, first_token=first)
 
     def _choose_token(self, active: _Active, logits_index: int) -> int:
-        """The next token of one sequence, from the logits at `logits_index` of the last decode."""
+        """The next token of one sequence, from the logits at `logits_index` of the last decode:
+        plain greedy takes the argmax; a chain that only the top of the logits can satisfy runs
+        over those few candidates (fast_sampling: the same token for the same seed); any other
+        chain (a grammar, a logit bias, no top-k) sees the whole vocabulary. Where a llama.cpp
+        backend sampler ran for the sequence, its token or candidates are used instead."""
+        sampling = active.request.sampling
+        # every token chosen so far was accepted into the chain, and each but an end counted in n_generated
+        token = fast_sampling.backend_choice(self.ctx, logits_index, active.sampler, sampling, active.n_generated)
+        if token is not None:
+            return token
         if active.sampler is None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
             return int(logits.argmax())
-        return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        m = fast_sampling.candidates_needed(sampling, active.n_generated)
+        if m is None:
+            return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        largest = lambda: max((fast_sampling.candidates_needed(s.active.request.sampling, s.active.n_generated) or 0  # noqa: E731
+                               for s in self.slots if s.active is not None), default=0)
+        ids = self._prefilter.candidates(self.ctx, self.n_vocab, self.stats.decode_calls, logits_index, m, largest)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
+        return fast_sampling.choose_among(active.sampler, ids, logits[ids])
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """The token's logprob and the n_top most likely at its position, from the raw logits."""
