@@ -5,7 +5,7 @@ image's portable baseline (deploy/Containerfile: GGML_NATIVE=OFF, AVX2/FMA/F16C)
 
 The portable build is compiled once (about 6 minutes on 2 cores) into
 ~/.cache/llama-chat-torchserve/portable-<version>/ and installed beside, not into, .venv.
-Both builds run bench/bench_engine.py (raw engine decode, greedy) in turns, `--rounds`
+Both builds run the engine's raw greedy decode (no TorchServe) in turns, `--rounds`
 times, so the machine's drift hits both alike; the table gives medians and the ratio.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+import json
 import statistics
 import subprocess
 import sys
@@ -23,7 +23,6 @@ import llama_cpp
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF"   # as deploy/Containerfile
-ROW = re.compile(r"^\| (\d+) \| ([\d.]+) \|")
 
 
 def portable_build() -> Path:
@@ -40,13 +39,38 @@ def portable_build() -> Path:
     return target
 
 
+DECODE = """
+import json, sys, time
+sys.path.insert(0, "handler")
+from llama_engine import Engine, GenerationRequest, SamplingParams
+from llama_settings import HandlerSettings, engine_config
+streams, tokens = [int(x) for x in sys.argv[1].split(",")], int(sys.argv[2])
+engine = Engine(sys.argv[3], engine_config(HandlerSettings(), batch_size=max(streams), n_workers=1, gpu_id=None))
+greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+out = {}
+for n in streams:
+    for i in range(n):
+        engine.submit(f"{n}-{i}", GenerationRequest(engine.tokenize(f"Tell me a story about the number {i}."),
+                                                    tokens, greedy, ignore_eos=True))
+    engine.step()   # the prompts are read (one short chunk each)
+    start, before = time.perf_counter(), engine.stats.tokens_generated
+    while engine.is_busy():
+        engine.step()
+    out[n] = (engine.stats.tokens_generated - before) / (time.perf_counter() - start)
+print(json.dumps(out))
+"""
+
+
 def run_engine_bench(pythonpath: Path | None, streams: str, tokens: int) -> dict[int, float]:
+    """Greedy decode tok/s of the engine at each stream count, with the llama_cpp found first on
+    `pythonpath` (None: the .venv's)."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--streams", streams,
-                          "--tokens", str(tokens)], env=env, capture_output=True, text=True, check=True).stdout
-    return {int(m[1]): float(m[2]) for m in map(ROW.match, out.splitlines()) if m}
+    gguf = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = subprocess.run([sys.executable, "-c", DECODE, streams, str(tokens), str(gguf)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return {int(n): tps for n, tps in json.loads(out.splitlines()[-1]).items()}
 
 
 def main(argv=None):
