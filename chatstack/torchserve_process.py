@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
+
 from chatstack.torchserve_client import ServerUnreachable, TorchServeClient, TorchServeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,14 +72,19 @@ def torchserve_fix_agent(agent: Path | None = None) -> Path:
     return agent
 
 
-def read_properties(path: Path) -> dict[str, str]:
+def parse_properties(text: str) -> dict[str, str]:
+    """key=value lines of a Java .properties file such as TorchServe's config (comments: # and !)."""
     props = {}
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(("#", "!")) and "=" in line:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    return parse_properties(Path(path).read_text())
 
 
 def write_properties(path: Path, props: dict[str, str]) -> None:
@@ -309,36 +316,38 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _process_state(pid: int) -> str | None:
+def _is_live(proc: psutil.Process) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _process_state(pid: int) -> str | None:
+    """"Z" for a zombie, None for no such process, else "live"."""
+    try:
+        return "live" if _is_live(psutil.Process(pid)) else "Z"
+    except psutil.Error:
         return None
-    return stat.rpartition(")")[2].split()[0]
 
 
 def _group_has_live_members(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for proc in psutil.process_iter():
         try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
+            if os.getpgid(proc.pid) == pgid and _is_live(proc):
+                return True
+        except (OSError, psutil.Error):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
     return False
 
 
 def _is_torchserve(pid: int) -> bool:
     _reap(pid)
-    if _process_state(pid) in (None, "Z"):
-        return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        proc = psutil.Process(pid)
+        return _is_live(proc) and any(arg.endswith("torchserve") for arg in proc.cmdline())
+    except psutil.Error:
         return False
-    return any(arg.endswith(b"torchserve") for arg in cmdline)
 
 
 def version() -> str:

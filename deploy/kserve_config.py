@@ -28,6 +28,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from chatstack.torchserve_process import read_properties  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUT_ROOT = "/mnt/models"
 
@@ -35,16 +38,6 @@ LAYOUT_ROOT = "/mnt/models"
 REPLACED = {"inference_address", "management_address", "metrics_address", "enable_model_api", "allowed_urls",
             "disable_token_authorization", "metrics_config", "model_store", "load_models", "metrics_mode",
             "grpc_inference_address", "grpc_management_address"}
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
 
 
 def address(value: str) -> str:

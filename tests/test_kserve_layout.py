@@ -26,16 +26,13 @@ from openai import OpenAI
 from chatstack.torchserve_client import TorchServeClient
 from conftest import ROOT
 from deploy.kserve_pod import MOUNT, PodServer, runtime_container
+from chatstack.torchserve_process import read_properties
 
 CPU_CONFIG = ROOT / "deploy" / "kserve" / "model-config-cpu.yaml"
 TURNS = ["Name one planet of the solar system.", "Why is it called that?", "Say it in one short sentence."]
 MAX_TOKENS = 24
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def props_of(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,7 @@ def replicas(layout, tmp_path_factory):
 def test_layout_holds_config_metrics_and_archive_for_kserve(layout):
     assert sorted(p.relative_to(layout).as_posix() for p in layout.rglob("*") if p.is_file()) == [
         "config/config.properties", "config/metrics.yaml", "model-store/llama.mar"]
-    props = props_of(layout / "config" / "config.properties")
+    props = read_properties(layout / "config" / "config.properties")
     assert props["load_models"] == "llama.mar"
     assert props["model_store"] == f"{MOUNT}/model-store"
     assert props["metrics_config"] == f"{MOUNT}/config/metrics.yaml"

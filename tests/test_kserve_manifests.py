@@ -30,6 +30,7 @@ MANIFESTS = sorted(p for p in KSERVE_DIR.glob("*.yaml") if not p.name.startswith
 
 sys.path.insert(0, str(ROOT / "deploy"))
 import kserve_config  # noqa: E402
+from chatstack.torchserve_process import parse_properties, read_properties
 
 
 def documents(path: Path) -> list[dict]:
@@ -180,7 +181,7 @@ def runtime_container() -> dict:
 
 
 def pod_config() -> dict[str, str]:
-    return props_of(kserve_config.build("llama"))
+    return parse_properties(kserve_config.build("llama"))
 
 
 def port_of(address: str) -> int:
@@ -287,14 +288,10 @@ def run_config(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def props_of(text: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
-
-
 def test_pod_config_serves_the_model_from_the_layout_with_management_on_loopback():
     out = run_config("--model", "qwen")
     assert out.returncode == 0, out.stderr
-    props = props_of(out.stdout)
+    props = parse_properties(out.stdout)
     assert props["inference_address"] == "http://0.0.0.0:8080"
     assert props["management_address"] == "http://127.0.0.1:8081"
     assert props["metrics_address"] == "http://0.0.0.0:8082"
@@ -303,13 +300,13 @@ def test_pod_config_serves_the_model_from_the_layout_with_management_on_loopback
     assert props["enable_model_api"] == "false"
     assert props["disable_token_authorization"] == "true"  # auth at the ingress: keys differ per replica
     # the repo's serving limits travel along
-    repo = kserve_config.read_properties(ROOT / "config.properties")
+    repo = read_properties(ROOT / "config.properties")
     assert props["default_response_timeout"] == repo["default_response_timeout"]
     assert props["job_queue_size"] == repo["job_queue_size"]
 
 
 def test_pod_config_opens_management_and_token_auth_only_when_asked():
-    props = props_of(run_config("--model", "llama", "--token-auth", "--management-address", "http://0.0.0.0:8081").stdout)
+    props = parse_properties(run_config("--model", "llama", "--token-auth", "--management-address", "http://0.0.0.0:8081").stdout)
     assert props["disable_token_authorization"] == "false"
     assert props["management_address"] == "http://0.0.0.0:8081"
     warned = run_config("--model", "llama", "--management-address", "http://0.0.0.0:8081")
