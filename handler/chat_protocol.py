@@ -65,8 +65,8 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 def clean_text(value: str) -> str:
     """Text as the tokenizer can take it: every character is kept, control characters
-    included, except NUL (dropped: C strings inside llama.cpp and some tokenizers end
-    or fail at it) and lone UTF-16 surrogates (not encodable as UTF-8; each becomes U+FFFD)."""
+    included, except NUL (dropped: GGUF tokenizers differ on it, and no grammar can produce
+    it) and lone UTF-16 surrogates (not encodable as UTF-8; each becomes U+FFFD)."""
     if "\x00" in value:
         value = value.replace("\x00", "")
     return _SURROGATES.sub("\ufffd", value)
@@ -398,15 +398,17 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-_UNION_TAGS = ("str", "int", "float", "bool", "TextPart", "dict[str,str]", "StreamOptions")
+def _is_type_tag(part) -> bool:
+    """Union members show up in an error's `loc` as type tags ('str', 'list[TextPart]',
+    'NamedToolChoice'); they are not parameter names (those are snake_case)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or part[:1].isupper()
+                                      or "[" in part or part.startswith("function-"))
 
 
 def _first_error(exc: ValidationError) -> ApiError:
     # The most specific error: where content may be a string or a list of parts, the one about the part.
     err = max(exc.errors(), key=lambda e: len(e["loc"]))
-    # Union members show up in `loc` as type tags ('str', 'list[TextPart]'); they are not parameter names.
-    loc = [str(p) for p in err["loc"]
-           if str(p) not in _UNION_TAGS and not str(p).startswith(("list[", "function-", "literal["))]
+    loc = [str(p) for p in err["loc"] if not _is_type_tag(p)]
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
