@@ -269,6 +269,17 @@ def test_dynamic_batch_streams_through_intermediate_responses_and_answers_the_re
     assert not classic.engine.is_busy() and not classic.handler.exchanges
 
 
+def test_dynamic_batch_answers_n_choices_streamed_and_not(classic):
+    out = classic.call({"s": {"messages": HI, "stream": True, "n": 2}, "p": {"messages": HI, "n": 2}})
+    frames = [f for pieces, ids in classic.sent for f in chunks(pieces[0])]
+    streamed = {i: "".join(f["choices"][0]["delta"].get("content", "") for f in frames
+                           if f["choices"] and f["choices"][0]["index"] == i) for i in (0, 1)}
+    assert streamed == {0: "w1 w2 w3 ", 1: "w1 w2 w3 "} and frames[-1]["usage"]["completion_tokens"] == 6
+    answer = json.loads(out["p"]["output"])
+    assert [c["message"]["content"] for c in answer["choices"]] == ["w1 w2 w3 ", "w1 w2 w3 "]
+    assert not classic.engine.is_busy() and not classic.handler.exchanges
+
+
 def test_dynamic_batch_times_out_each_request_with_its_own_error(classic):
     classic.handler.request_timeout_s = 0.0
     out = classic.call({"s": {"messages": HI, "stream": True}, "p": {"messages": HI}, "bad": {"messages": []}})
