@@ -1,11 +1,15 @@
 """CPU serving benchmark: TorchServe + our engine vs llama.cpp's llama-server vs one request at a time.
 
     .venv/bin/python bench/bench_serving.py [--llama-server PATH] [--max-tokens 128] [--out bench/results]
+        [--streams 1,4,8,16] [--sampling greedy,sampled] [--repeats 3] [--throughput-only]
 
 Starts TorchServe with the project's config (free ports, a temporary run folder),
 registers the default model twice — `llama` (continuous batching, 16 slots) and
 `llama_single` (batch size 1: the original example's one-request-at-a-time
-approach) — and sends N = 1, 4, 8, 16 concurrent streaming chats to each. Where a
+approach) — and sends N = 1, 4, 8, 16 concurrent streaming chats to each, greedy (no
+penalties: the argmax fast path) and sampled with the chat defaults (temperature 0.7,
+top-p 0.95, top-k 40, min-p 0.05, repeat penalty 1.1, a seed per request; bench/loadgen.py),
+every answer max_tokens long (ignore_eos), so both servers do the same work. Where a
 `llama-server` binary built from the same llama.cpp source is given, it gets the
 same load on the same GGUF with the same thread count, in the same run: both
 servers are up together and take turns, REPEATS times per N; the table shows the
@@ -13,8 +17,8 @@ median run of each and the median of the per-turn ratios (a small shared
 machine's speed drifts by 10% from minute to minute; comparing runs made next to
 each other keeps that drift out of the ratio). It also
 measures time to first token at turn 1 and turn 10 of one conversation (prompt
-cache), and the memory of 1, 2 and 4 workers. Writes serving.md, serving.json and
-serving.png into --out.
+cache), and the memory of 1, 2 and 4 workers (not with --throughput-only). Writes
+serving.md, serving.json and serving.png into --out.
 """
 
 from __future__ import annotations
@@ -33,21 +37,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from bench.loadgen import SAMPLINGS, LoadSpec, endpoint, run_load, summarize  # noqa: E402
 from chatstack.torchserve_client import TorchServeClient  # noqa: E402
 from chatstack.torchserve_process import TorchServeProcess, free_port, free_port_overrides  # noqa: E402
 
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONCURRENCY = (1, 4, 8, 16)
 REPEATS = 3
-# Same sampling everywhere: greedy, no penalties, so every server does the same work.
-SAMPLING = {"temperature": 0, "repeat_penalty": 1.0}
+SEED = 1000
+# Greedy (no penalties) for the conversation and warm-ups: the same work on every server.
+SAMPLING = SAMPLINGS["greedy"]
 
 
-def load(url, key, n, max_tokens, sse=None, extra=None, rounds=2):
-    """`rounds` requests per stream, back to back, so the figure is steady-state."""
+def load(url, key, n, max_tokens, sse=None, extra=None, rounds=2, sampling="greedy"):
+    """`rounds` requests per stream, back to back, so the figure is steady-state; each answer
+    max_tokens long, each request with its own seed."""
     spec = LoadSpec(url=url, key=key, concurrency=n, requests_per_stream=rounds, max_tokens=max_tokens,
-                    temperature=0, extra={**SAMPLING, **(extra or {})}, sse=sse)
+                    extra={**SAMPLINGS[sampling], "ignore_eos": True, **(extra or {})}, sse=sse, seed=SEED)
     results, wall = run_load(spec)
     return summarize(results, wall)
 
@@ -149,6 +155,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--streams", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
+    parser.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the streams x sampling table (no conversation, memory or batch-size-1 rows)")
     parser.add_argument("--render", metavar="SERVING_JSON", help="only rewrite the table and plot from a saved run")
     args = parser.parse_args(argv)
     if args.render:
@@ -163,8 +173,12 @@ def main(argv=None):
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     server = bench_server(work, {"batchSize: 8 ": "batchSize: 16 ", "n_threads: 0 ": f"n_threads: {args.threads} "})
+    streams = [int(n) for n in args.streams.split(",")]
+    samplings = args.sampling.split(",")
     report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
-              "gguf": GGUF.name, "repeats": args.repeats, "torchserve": {}, "single": {}, "llama_server": {}}
+              "gguf": GGUF.name, "repeats": args.repeats, "streams": streams, "samplings": samplings,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0],
+              "torchserve": {}, "single": {}, "llama_server": {}}
     llama_server = lurl = None
     lextra = {"stream_options": {"include_usage": True}}
     server.start()
@@ -179,33 +193,36 @@ def main(argv=None):
             llama_server = start_llama_server(args.llama_server, port, 16, args.threads, 2048)
             lurl = f"http://127.0.0.1:{port}/v1/chat/completions"
             load(lurl, None, 2, 16, sse=True, extra=lextra, rounds=1)
-        for n in CONCURRENCY:
-            ts_runs, ls_runs = [], []
-            for _ in range(args.repeats):
-                ts_runs.append(load(url, key, n, args.max_tokens))
-                if lurl:
-                    ls_runs.append(load(lurl, None, n, args.max_tokens, sse=True, extra=lextra))
-            report["torchserve"][n] = median_run(ts_runs)
-            print("torchserve", n, [round(r["tokens_per_s"], 1) for r in ts_runs], flush=True)
-            if ls_runs:
-                report["llama_server"][n] = median_run(ls_runs)
-                print("llama-server", n, [round(r["tokens_per_s"], 1) for r in ls_runs], flush=True)
-        report["torchserve_turns"] = conversation_ttft(streamed_chat(url, key, sse=False))
-        if lurl:
-            report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
-            llama_server.terminate()
-            llama_server.wait()
-            llama_server = None
-        for n in (1, 2, 4):
-            client.scale("llama", n, n)
-            report.setdefault("memory", []).append(worker_memory(client, "llama"))
-        client.scale("llama", 1, 1)
-        client.register("llama.mar", model_name="llama_single", batch_size=1, initial_workers=1)
-        single = endpoint(server.address("inference"), "llama_single")
-        for n in (1, 8):
-            report["single"][n] = load(single, key, n, args.max_tokens, rounds=1)
-            print("single", n, round(report["single"][n]["tokens_per_s"], 1), flush=True)
-        client.unregister("llama_single")
+        for sampling in samplings:
+            for n in streams:
+                ts_runs, ls_runs = [], []
+                for _ in range(args.repeats):
+                    ts_runs.append(load(url, key, n, args.max_tokens, sampling=sampling))
+                    if lurl:
+                        ls_runs.append(load(lurl, None, n, args.max_tokens, sse=True, extra=lextra, sampling=sampling))
+                report["torchserve"].setdefault(sampling, {})[n] = median_run(ts_runs)
+                print("torchserve", sampling, n, [round(r["tokens_per_s"], 1) for r in ts_runs], flush=True)
+                if ls_runs:
+                    report["llama_server"].setdefault(sampling, {})[n] = median_run(ls_runs)
+                    print("llama-server", sampling, n, [round(r["tokens_per_s"], 1) for r in ls_runs], flush=True)
+        report["load_average_end"] = os.getloadavg()[0]
+        if not args.throughput_only:   # conversation TTFT, memory of 1/2/4 workers, batch size 1
+            report["torchserve_turns"] = conversation_ttft(streamed_chat(url, key, sse=False))
+            if lurl:
+                report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
+                llama_server.terminate()
+                llama_server.wait()
+                llama_server = None
+            for n in (1, 2, 4):
+                client.scale("llama", n, n)
+                report.setdefault("memory", []).append(worker_memory(client, "llama"))
+            client.scale("llama", 1, 1)
+            client.register("llama.mar", model_name="llama_single", batch_size=1, initial_workers=1)
+            single = endpoint(server.address("inference"), "llama_single")
+            for n in (1, 8):
+                report["single"][n] = load(single, key, n, args.max_tokens, rounds=1)
+                print("single", n, round(report["single"][n]["tokens_per_s"], 1), flush=True)
+            client.unregister("llama_single")
     finally:
         if llama_server:
             llama_server.terminate()
@@ -229,25 +246,41 @@ def turn_ratio(ts: dict, ls: dict) -> float:
                                                    ls.get("runs_tokens_per_s", [ls["tokens_per_s"]])))
 
 
+def _by_sampling(data: dict) -> dict:
+    """{sampling: {streams: run}}; a serving.json from before the sampled column holds greedy runs only."""
+    return {"greedy": data} if data and all(isinstance(k, int) for k in data) else data
+
+
 def render(r) -> str:
-    ts, ls, single = r["torchserve"], r["llama_server"], r["single"]
-    lines = [f"Default model ({r['gguf']}), {r['machine']}, {r['threads']} llama.cpp threads, greedy, "
-             f"max_tokens {r['max_tokens']}, streaming chats, 2 requests per stream; "
-             f"median of {r.get('repeats', 1)} runs, the two servers taking turns; ratio = median of "
-             f"the per-turn ratios.", "",
-             "| streams | TorchServe tok/s | llama-server tok/s | ratio | TTFT p50 / p95 (s) | per-stream tok/s |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for n in CONCURRENCY:
-        t = ts[n]
-        l_tps = ls.get(n, {}).get("tokens_per_s")
-        l_col, ratio = (f"{l_tps:.1f}", f"{turn_ratio(t, ls[n]):.2f}") if l_tps else ("–", "–")
-        lines.append(f"| {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | {t['ttft_p50_s']:.2f} / "
-                     f"{t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
-    if single:
+    ts, ls, single = _by_sampling(r["torchserve"]), _by_sampling(r["llama_server"]), r["single"]
+    streams = r.get("streams", list(CONCURRENCY))
+    ignore_eos = "samplings" in r    # runs since the sampled column: every answer max_tokens long
+    lines = [f"Default model ({r['gguf']}), {r['machine']}, {r['threads']} llama.cpp threads, max_tokens "
+             f"{r['max_tokens']}{' (ignore_eos)' if ignore_eos else ''}, streaming chats, 2 requests per stream; "
+             f"greedy = temperature 0, no penalties; sampled = temperature 0.7, top-p 0.95, top-k 40, min-p 0.05, "
+             f"repeat penalty 1.1, a seed per request; median of {r.get('repeats', 1)} runs, the two servers "
+             f"taking turns; ratio = median of the per-turn ratios"
+             + (f"; {r['date']}, load average {r['load_average']:.1f} at the start, "
+                f"{r.get('load_average_end', 0):.1f} at the end" if "date" in r else "") + ".", "",
+             "| sampling | streams | TorchServe tok/s | llama-server tok/s | ratio | TTFT p50 / p95 (s) | "
+             "per-stream tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for sampling, by_n in ts.items():
+        for n in streams:
+            t = by_n.get(n)
+            if not t:
+                continue
+            lsn = ls.get(sampling, {}).get(n, {})
+            l_tps = lsn.get("tokens_per_s")
+            l_col, ratio = (f"{l_tps:.1f}", f"{turn_ratio(t, lsn):.2f}") if l_tps else ("–", "–")
+            lines.append(f"| {sampling} | {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | "
+                         f"{t['ttft_p50_s']:.2f} / {t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
+    greedy = ts.get("greedy", {})
+    if single and 8 in greedy:
         lines += ["", f"One request at a time (batch size 1, the original example's approach): "
                       f"{single[1]['tokens_per_s']:.1f} tok/s for 1 stream, {single[8]['tokens_per_s']:.1f} tok/s "
                       f"for 8 streams; TorchServe with continuous batching at 8 streams: "
-                      f"{ts[8]['tokens_per_s'] / single[8]['tokens_per_s']:.2f}x."]
+                      f"{greedy[8]['tokens_per_s'] / single[8]['tokens_per_s']:.2f}x."]
     turns = r.get("torchserve_turns")
     if turns:
         lines += ["", f"Prompt cache, one conversation: TTFT turn 1 {turns[0]:.3f} s, turn 10 {turns[-1]:.3f} s "
@@ -270,11 +303,14 @@ def plot(r, path):
         print("matplotlib not installed: no plot (pip install -r bench/requirements.txt)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, data in (("TorchServe + engine", r["torchserve"]), ("llama-server", r["llama_server"]),
-                       ("one at a time", r["single"])):
+    series = [(f"TorchServe + engine, {s}", d) for s, d in _by_sampling(r["torchserve"]).items()]
+    series += [(f"llama-server, {s}", d) for s, d in _by_sampling(r["llama_server"]).items()]
+    series.append(("one at a time (greedy)", r["single"]))
+    for name, data in series:
         if data:
             xs = sorted(int(k) for k in data)
-            ax.plot(xs, [data[x]["tokens_per_s"] for x in xs], marker="o", label=name)
+            ax.plot(xs, [data[x]["tokens_per_s"] for x in xs], marker="o", label=name,
+                    linestyle="--" if "sampled" in name else "-")
     ax.set_xlabel("concurrent streaming chats")
     ax.set_ylabel("tokens/s (all streams)")
     ax.set_title("Default model on CPU")

@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# Driver for the GPU benchmark on a bare CUDA machine without network (the `device` H100).
+# Driver for the GPU benchmark on a bare CUDA machine without network (the `device` H200/H100).
 #
-#   bench/gpu_run.sh build   set up, build llama-cpp-python with CUDA from the carried sdist,
-#                            check the whole pipeline on a tiny random model, return the wheel
-#   bench/gpu_run.sh bench   set up (reusing a build or a carried wheel), make the 8B-class
-#                            Q4_0 GGUF, run bench/gpu_bench.py at 1, 8, 32 and 64 streams
-#   bench/gpu_run.sh all     both
+#   bench/gpu_run.sh build   set up, build llama-cpp-python and llama-server with CUDA (sm_90 only) from the
+#                            carried sdist, write the 8B-class random GGUF, check the pipeline on a tiny
+#                            model, and return the wheel and llama-server in $OUT/llamawheel/ (copy that
+#                            folder to .gpu_carry/llamawheel to skip the build next time)
+#   bench/gpu_run.sh bench   set up (reusing this machine's build or the carried wheel), make the GGUF if
+#                            missing, run bench/gpu_bench.py; results in $OUT (table.md, results.json,
+#                            bench.log, logs.txt, gpu.txt: 5 files, no folders)
+#   bench/gpu_run.sh all     both, without returning the wheel
 #
-# Everything it needs travels in .gpu_carry/ (ignored by git; see docs/gpu.md):
-#   llama_cpp_python-0.3.36-trim.tar.xz  the sdist without models/docs/other ggml backends
-#   wheels/*.whl                          pydantic(+core, annotated-types, typing-inspection),
-#                                         diskcache, scikit-build-core (for Python 3.12)
-#   tspkg.tar.xz                          torchserve + torch-model-archiver 0.12.0 (pure Python),
-#                                         without the frontend jar
-#   jar.tar.xz                            TorchServe's model-server.jar, unpacked (re-zipped here)
-#   jrt25c.tar.xz                         a jlink'ed Java runtime, used only when no Java 17+ exists
-#   tokenizer.json.xz                     SmolLM2's tokenizer metadata, for the random GGUF
-#   llamawheel/                           (optional) a CUDA wheel returned by an earlier build
-# Results go to $OUT (or /tmp/gpu/out).
+# Everything it needs travels in .gpu_carry/, which bench/gpu_carry.sh assembles on a machine with network
+# (see its header and docs/gpu.md). Settings (environment): STREAMS (1,8,32), SAMPLING (greedy,sampled),
+# VARIANTS (backend-topk: raw-engine rows with llama.cpp's backend top-k), BUDGETS (100: ms per handler
+# call, one TorchServe model each), WORKERS (1; 1,2 adds two workers sharing the GPU at WORKER_STREAMS
+# 32,64), MAX_TOKENS (256), LLAMA_SERVER (1: the llama-server columns), CUDA_ARCH (90-real), DEADLINE_S
+# (0; else gpu_bench.py starts no server part after that many seconds), MODEL (8b; tiny: a dress rehearsal),
+# CARRIED_JAVA (1: use the carried Java runtime even where a Java 17+ exists).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -25,9 +24,17 @@ C=${GPU_CARRY:-$ROOT/.gpu_carry}
 W=${GPU_WORK:-/tmp/gpu}
 OUT=${OUT:-$W/out}
 MODE=${1:-all}
-STREAMS=${STREAMS:-1,8,32,64}
-BUDGETS=${BUDGETS:-25,100}
+STREAMS=${STREAMS:-1,8,32}
+SAMPLING=${SAMPLING:-greedy,sampled}
+VARIANTS=${VARIANTS:-backend-topk}
+BUDGETS=${BUDGETS:-100}
+WORKERS=${WORKERS:-1}
+WORKER_STREAMS=${WORKER_STREAMS:-32,64}
 MAX_TOKENS=${MAX_TOKENS:-256}
+LLAMA_SERVER=${LLAMA_SERVER:-1}
+CUDA_ARCH=${CUDA_ARCH:-90-real}
+DEADLINE_S=${DEADLINE_S:-0}
+LLAMA_VERSION=0.3.36
 SITE=$W/site
 mkdir -p "$W" "$OUT" "$SITE/bin"
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -40,40 +47,29 @@ probe() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   echo "python: $(command -v python3) $(python3 --version 2>&1); nvcc: $(nvcc --version 2>/dev/null | tail -1)"
   echo "java: $(java -version 2>&1 | head -1 || echo none)"
-  python3 -m pip list 2>/dev/null | grep -iE '^(torch|numpy|jinja2|pydantic|diskcache|scikit.build.core|psutil|packaging|pillow|requests|pyyaml|typing.extensions|cmake|ninja) ' | tr -s ' ' | paste -sd ';'
   echo "cores $(nproc); $(free -g | awk '/Mem/{print "RAM " $2 " GiB"}'); /tmp: $(df -h /tmp | tail -1 | awk '{print $4 " free"}')"
 }
 
 setup() {
   if [ ! -f "$W/setup.done" ]; then
-    log "setup: Python packages, TorchServe, Java"
+    log "setup: Python packages, TorchServe (its jar rebuilt byte for byte), torchserve_fix, Java"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "$C"/wheels/*.whl || die "pip install of the carried wheels failed"
-    tar -xJf "$C/tspkg.tar.xz" -C "$SITE"
-    mkdir -p "$W/jar" && tar -xJf "$C/jar.tar.xz" -C "$W/jar"
-    python3 - "$W/jar" "$SITE/ts/frontend/model-server.jar" <<'PY' || die "could not re-zip model-server.jar"
-import os, sys, zipfile
-src, dst = sys.argv[1:]
-with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as z:
-    z.write(os.path.join(src, "META-INF/MANIFEST.MF"), "META-INF/MANIFEST.MF")
-    for d, dirs, files in os.walk(src):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(d, f)
-            arc = os.path.relpath(p, src)
-            if arc != "META-INF/MANIFEST.MF":
-                z.write(p, arc)
-PY
+      "$C"/run/wheels/*.whl || die "pip install of the carried wheels failed"
+    tar -xJf "$C/run/tspkg.tar.xz" -C "$SITE" || die "no $C/run/tspkg.tar.xz"
+    python3 bench/jar_repack.py unpack "$C/run/model-server.jar.xz" "$SITE/ts/frontend/model-server.jar" \
+      || die "could not rebuild model-server.jar"
     printf '#!/usr/bin/env python3\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n' > "$SITE/bin/torchserve"
     printf '#!/usr/bin/env python3\nimport sys\nfrom model_archiver.model_packaging import generate_model_archive\nsys.exit(generate_model_archive())\n' > "$SITE/bin/torch-model-archiver"
     chmod +x "$SITE/bin/"*
-    if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'; then
+    # the fix of issue #16, built on the carrying machine against the same jar (chatstack loads it from here)
+    mkdir -p torchserve_fix/build && cp "$C/run/torchserve-fix.jar" torchserve_fix/build/torchserve-fix.jar
+    if [ -n "${CARRIED_JAVA:-}" ] || ! java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])'; then
       log "no Java 17+ here: unpacking the carried runtime"
-      tar -xJf "$C/jrt25c.tar.xz" -C "$W"
+      tar -xJf "$C/run/jre.tar.xz" -C "$W" || die "no Java and no $C/run/jre.tar.xz"
     fi
     touch "$W/setup.done"
   fi
-  if [ -x "$W/jrt25c/bin/java" ]; then export JAVA_HOME=$W/jrt25c PATH=$W/jrt25c/bin:$PATH; fi
+  if [ -x "$W/jre/bin/java" ]; then export JAVA_HOME=$W/jre PATH=$W/jre/bin:$PATH; fi
   java -version 2>&1 | head -1
 }
 
@@ -81,29 +77,64 @@ build() {
   mkdir -p "$W/wheel"
   if ls "$W"/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
     log "llama-cpp-python: reusing $(ls "$W"/wheel/*.whl)"
-  elif ls "$C"/llamawheel/part* >/dev/null 2>&1; then
-    log "llama-cpp-python: carried CUDA wheel"
-    cat "$C"/llamawheel/part* > "$W/wheel/$(cat "$C/llamawheel/name.txt")"
+  elif ls "$C"/llamawheel/part.* >/dev/null 2>&1; then
+    log "llama-cpp-python: the carried CUDA wheel"
+    cat "$C"/llamawheel/part.* > "$W/wheel/$(cat "$C/llamawheel/name.txt")"
+    [ -f "$C/llamawheel/llama-server.tar.xz" ] && mkdir -p "$W/lsrv" && tar -xJf "$C/llamawheel/llama-server.tar.xz" -C "$W/lsrv"
   else
-    log "llama-cpp-python: building with CUDA from the sdist"
-    mkdir -p "$W/src" && tar -xJf "$C/llama_cpp_python-0.3.36-trim.tar.xz" -C "$W/src"
+    log "llama-cpp-python and llama-server: building with CUDA ($CUDA_ARCH) from the sdist"
+    mkdir -p "$W/src" && tar -xJf "$C/src/llama_cpp_python-$LLAMA_VERSION-trim.tar.xz" -C "$W/src" \
+      || die "no sdist in $C/src"
     local t0=$SECONDS
     NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as setup.sh: AMX kernels crash on AMX Xeons
-    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    # the build folder is kept: llama-server is built in it next, from the same configuration
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
       python3 -m pip wheel -q --no-build-isolation --no-deps --no-index -w "$W/wheel" \
-      "$W/src/llama_cpp_python-0.3.36" > "$W/build.log" 2>&1 || { tail -40 "$W/build.log"; die "build failed"; }
-    log "built in $((SECONDS - t0)) s: $(ls -la "$W"/wheel/*.whl)"
+      -C build-dir="$W/llbuild" "$W/src/llama_cpp_python-$LLAMA_VERSION" > "$W/build.log" 2>&1 \
+      || { tail -40 "$W/build.log"; die "build failed"; }
+    log "wheel built in $((SECONDS - t0)) s: $(ls -la "$W"/wheel/*.whl)"
+    if [ "$LLAMA_SERVER" = 1 ]; then
+      t0=$SECONDS
+      { cmake -S "$W/src/llama_cpp_python-$LLAMA_VERSION" -B "$W/llbuild" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+          -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        && cmake --build "$W/llbuild" --target llama-server -j "$(nproc)"; } >> "$W/build.log" 2>&1 \
+        && server_dir \
+        && log "llama-server built in $((SECONDS - t0)) s" \
+        || { tail -20 "$W/build.log"; log "llama-server build failed: no llama-server columns"; }
+    fi
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$W"/wheel/llama_cpp_python-*.whl || die "pip install of the llama-cpp-python wheel failed"
   python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'GPU offload:', bool(llama_cpp.llama_supports_gpu_offload()))"
+  # llama-server uses the wheel's libllama/libggml (the same build), and its own libllama-common
+  if [ -x "$W/lsrv/llama-server" ]; then
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lsrv:%s/llama_cpp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s/lsrv/llama-server "$@"\n' \
+      "$W" "$SITE" "$W" > "$SITE/bin/llama-server-run" && chmod +x "$SITE/bin/llama-server-run"
+    "$SITE/bin/llama-server-run" --version 2>&1 | tail -2
+  fi
+}
+
+server_dir() {   # $W/lsrv: llama-server and the shared libraries of its build that the wheel does not hold
+  mkdir -p "$W/lsrv"
+  cp "$(find "$W/llbuild" -name llama-server -type f -perm -u+x | head -1)" "$W/lsrv/llama-server" || return 1
+  local lib
+  for lib in $(find "$W/llbuild" -name 'lib*.so*' \( -type f -o -type l \)); do
+    case "$(basename "$lib")" in libllama.so*|libggml*|libmtmd*) ;; *) cp -P "$lib" "$W/lsrv/" ;; esac
+  done
 }
 
 return_wheel() {
+  # $OUT/llamawheel/ = what .gpu_carry/llamawheel/ must hold: part.NN (15 MiB each: files over 16 MiB do not
+  # come back), name.txt, llama-server.tar.xz. At most 8 files come back: the wheel may use 6 parts.
   local whl; whl=$(ls "$W"/wheel/llama_cpp_python-*.whl | head -1)
-  basename "$whl" > "$OUT/llamawheel-name.txt"
-  split -b 15M -d "$whl" "$OUT/llamawheel.part"
-  ls -la "$OUT"
+  mkdir -p "$OUT/llamawheel"
+  basename "$whl" > "$OUT/llamawheel/name.txt"
+  split -b 15M -d "$whl" "$OUT/llamawheel/part."
+  [ -x "$W/lsrv/llama-server" ] && tar -C "$W/lsrv" -cJf "$OUT/llamawheel/llama-server.tar.xz" .
+  local n; n=$(find "$OUT" -type f | wc -l)
+  [ "$n" -le 8 ] || log "WARNING: $n files under \$OUT, only 8 come back: $(ls "$OUT"/llamawheel)"
+  ls -la "$OUT/llamawheel"
 }
 
 # The image's torch is a CUDA build (cu130, its own cuBLAS/cudart); TorchServe's worker imports it
@@ -126,49 +157,80 @@ PY
   export PYTHONPATH=$W/preload:$PYTHONPATH GPU_BENCH_WORKER_PRELOAD=$SITE/llama_cpp/lib/libggml-cuda.so
 }
 
-GGUF_PY=$W/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
-gguf_py() {
-  [ -d "$GGUF_PY" ] || { mkdir -p "$W/src" && tar -xJf "$C/llama_cpp_python-0.3.36-trim.tar.xz" -C "$W/src" \
-    llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py; }
+GGUF_PY=$W/gguf-py
+gguf_py() { [ -d "$GGUF_PY" ] || tar -xJf "$C/run/gguf-py.tar.xz" -C "$W" || die "no $C/run/gguf-py.tar.xz"; }
+
+# MODEL=tiny: the 2-layer model everywhere (a dress rehearsal of the whole script on any machine)
+if [ "${MODEL:-8b}" = tiny ]; then GGUF=$W/model/tiny-random.Q4_0.gguf TINY=--tiny; else GGUF=$W/model/llama8b-random.Q4_0.gguf TINY=; fi
+write_f16() {   # the random F16 weights (no llama.cpp needed: runs during the build)
+  gguf_py
+  mkdir -p "$W/model"
+  [ -f "$GGUF" ] || [ -f "$GGUF.f16.gguf" ] || python3 bench/gpu_make_gguf.py --gguf-py "$GGUF_PY" \
+    --tokenizer "$C/run/tokenizer.json.xz" $TINY --quant F16 --out "$GGUF.f16.gguf" 2>&1 | tail -2
+}
+
+make_gguf() {
+  gguf_py
+  mkdir -p "$W/model"
+  if [ ! -f "$GGUF" ]; then
+    [ -f "$GGUF.f16.gguf" ] || write_f16
+    log "quantizing the 8B-class random GGUF to Q4_0"
+    python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_make_gguf as g; g.quantize(sys.argv[1], sys.argv[2], 'Q4_0')" \
+      "$GGUF.f16.gguf" "$GGUF" 2>&1 | grep -vE '^\[ *[0-9]+/|^llama_model_loader|^llm_load' | tail -3
+    rm -f "$GGUF.f16.gguf"
+  fi
+  [ -f "$GGUF" ] || die "no GGUF"
 }
 
 tiny_check() {
   gguf_py
-  log "pipeline check on a tiny random model"
-  python3 bench/gpu_make_gguf.py --gguf-py "$GGUF_PY" --tokenizer "$C/tokenizer.json.xz" --tiny \
-    --out "$W/tiny.Q4_0.gguf" 2>&1 | grep -vE '^\[ *[0-9]+/' | tail -5
-  python3 bench/gpu_bench.py --gguf "$W/tiny.Q4_0.gguf" --streams 1,8 --max-tokens 32 --n-ctx 512 \
-    --step-budget-ms 25 --out "$W/tiny" 2>&1 | tail -25
-  cp "$W/tiny/table.md" "$OUT/tiny-table.md" 2>/dev/null
-  cat "$W"/tiny/*.tail 2>/dev/null | grep -iE 'cuda|gpu|offload|error|loading' | tail -15
+  log "pipeline check on a tiny random model (raw, TorchServe, llama-server; greedy and sampled)"
+  python3 bench/gpu_make_gguf.py --gguf-py "$GGUF_PY" --tokenizer "$C/run/tokenizer.json.xz" --tiny \
+    --out "$W/tiny.Q4_0.gguf" 2>&1 | grep -vE '^\[ *[0-9]+/' | tail -2
+  timeout "${TINY_CHECK_S:-240}" python3 bench/gpu_bench.py --gguf "$W/tiny.Q4_0.gguf" --streams 8 --max-tokens 32 --n-ctx 512 \
+    --variants backend-topk,backend-chain --step-budget-ms 25 ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} \
+    --out "$W/tiny" 2>&1 | grep -vE '^llama_|^load|^print_info|^ggml_' | tail -30
+  grep -iE 'error|Traceback' "$W"/tiny/logs.txt 2>/dev/null | tail -5
 }
 
 bench() {
-  gguf_py
-  local gguf=$W/model/llama8b-random.Q4_0.gguf
-  mkdir -p "$W/model"
-  if [ ! -f "$gguf" ]; then
-    log "making the 8B-class random GGUF"
-    python3 bench/gpu_make_gguf.py --gguf-py "$GGUF_PY" --tokenizer "$C/tokenizer.json.xz" --out "$gguf" \
-      2>&1 | grep -vE '^\[ *[0-9]+/|^llama_model_loader|^llm_load' | tail -8
-  fi
-  [ -f "$gguf" ] || die "no GGUF"
-  log "benchmark: streams $STREAMS, max_tokens $MAX_TOKENS, step budgets $BUDGETS ms"
-  python3 bench/gpu_bench.py --gguf "$gguf" --streams "$STREAMS" --max-tokens "$MAX_TOKENS" \
-    --step-budget-ms "$BUDGETS" --out "$W/results" 2>&1 | grep -vE '^llama_|^load|^print_info|^ggml_' | tee "$W/bench.log"
-  cp "$W/results/table.md" "$W/results/results.json" "$OUT/" 2>/dev/null
-  cp "$W/bench.log" "$OUT/bench.log"
-  for f in "$W"/results/*.tail; do [ -f "$f" ] && cp "$f" "$OUT/"; done
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader
+  make_gguf
+  log "benchmark: streams $STREAMS, sampling $SAMPLING, variants $VARIANTS, max_tokens $MAX_TOKENS, step budgets $BUDGETS ms, workers $WORKERS"
+  python3 bench/gpu_bench.py --gguf "$GGUF" --streams "$STREAMS" --sampling "$SAMPLING" --variants "$VARIANTS" \
+    --max-tokens "$MAX_TOKENS" --step-budget-ms "$BUDGETS" --workers "$WORKERS" --worker-streams "$WORKER_STREAMS" \
+    ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
+    | grep -vE '^llama_|^load|^print_info|^ggml_' | tee "$W/bench.log"
+  cp "$W/results/table.md" "$W/results/results.json" "$W/results/logs.txt" "$W/bench.log" "$OUT/" 2>/dev/null
+  { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+    nproc; python3 --version; } > "$OUT/gpu.txt" 2>&1
 }
 
 probe
 setup
 worker_preload
 case "$MODE" in
-  build) build; tiny_check; return_wheel ;;
-  bench) build; bench ;;
-  all) build; tiny_check; bench ;;
+  build)   # the GGUF is written while llama.cpp compiles and quantized while the tiny check runs
+    write_f16 > "$W/f16.log" 2>&1 &
+    f16=$!
+    build
+    [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
+    return_wheel
+    { while kill -0 $f16 2>/dev/null; do sleep 2; done; make_gguf; } > "$W/gguf.log" 2>&1 &
+    gguf=$!
+    tiny_check
+    wait $gguf; cat "$W/f16.log" "$W/gguf.log"; ls -la "$W/model" ;;
+  bench)
+    build
+    [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
+    bench ;;
+  all)
+    write_f16 > "$W/f16.log" 2>&1 &
+    f16=$!
+    build
+    [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
+    tiny_check
+    wait $f16
+    bench ;;
   *) die "mode: build | bench | all" ;;
 esac
 log done
