@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from conftest import ROOT, package, start_server
+from chatstack.metrics_history import slots_by_worker
 
 LONG = {"messages": [{"role": "user", "content": "Write a very long story about a dragon and a knight."}],
         "max_tokens": 400, "temperature": 0.7, "stream": True}
@@ -107,10 +108,10 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(fault_server):
                         if line.startswith("llama_requests_finished{") and 'Reason="cancelled"' in line)
         assert cancelled >= 1, text
         assert client.metrics()["llama_requests_finished"] >= before + 2
-        # per worker: a worker that other tests killed keeps its last series, so only this model's
-        slots_active = [line for line in text.splitlines()
-                        if line.startswith("llama_slots_active{") and 'ModelName="solo"' in line]
-        assert slots_active and all(line.endswith(" 0.0") for line in slots_active), slots_active
+        # Slot gauges are per worker: a worker that another test killed keeps its last series,
+        # so look at this model's worker.
+        (worker,) = client.describe_model("solo")[0]["workers"]
+        assert slots_by_worker(client.metric_samples()).get(worker["pid"]) == (0, 8)
     finally:
         client.unregister("solo")
 
