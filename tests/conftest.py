@@ -74,3 +74,11 @@ def torchserve(session_dir, model_store):
 @pytest.fixture
 def client(torchserve):
     return torchserve.client(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def prompter(engine):
+    """The chat template of the test module's `engine` (each engine-level module defines its own)."""
+    from chat_prompt import ChatPrompter
+    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
+                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import llama_engine
-from chat_prompt import ChatPrompter
 from llama_engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, EngineConfig, GenerationRequest,
                           SamplingParams, SlotState, StopStringMatcher)
 from llama_settings import HandlerSettings, engine_config
@@ -27,12 +26,6 @@ def engine(default_gguf):
     eng = Engine(str(default_gguf), config(n_slots=8, n_ctx=1024))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def prompter(engine):
-    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
-                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))
 
 
 def chat_tokens(prompter, text):

@@ -60,12 +60,6 @@ def engine(default_gguf):
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def prompter(engine):
-    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
-                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))
-
-
 def generate(engine, requests_by_id: dict[str, GenerationRequest]) -> tuple[dict[str, str], list[set[str]]]:
     """Run requests together; returns each one's text and, per decode step, which were sampled."""
     for rid, request in requests_by_id.items():

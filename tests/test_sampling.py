@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import fast_sampling
-from chat_prompt import ChatPrompter
 from fast_sampling import TOKEN_DATA, candidates_needed, top_candidates
 from llama_engine import Engine, GenerationRequest, SamplingParams, make_sampler
 from llama_settings import HandlerSettings, engine_config
@@ -117,12 +116,6 @@ def engine(default_gguf):
                                                   batch_size=8, n_workers=1, gpu_id=None))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def prompter(engine):
-    return ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
-                        lambda text: engine.tokenize(text, add_special=False, parse_special=True))
 
 
 def run_all(engine, requests: dict[str, GenerationRequest]) -> dict[str, str]:
