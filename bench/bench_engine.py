@@ -47,9 +47,10 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
     real_decode = llama_cpp.llama_decode
     real_choose = engine._choose_token
 
-    def timed_decode(*args):
+    def timed_decode(ctx, batch):
         t = time.perf_counter()
-        rc = real_decode(*args)
+        rc = real_decode(ctx, batch)
+        llama_cpp.llama_synchronize(ctx)   # on a GPU llama_decode returns before the work is done
         decode_s[0] += time.perf_counter() - t
         return rc
 

@@ -4,8 +4,7 @@ raw:          handler/llama_engine.py's Engine driven directly in this process (
               with the served model's slots, context and flash-attention settings; N sequences
               submitted at once and stepped until done). Each step is split into llama_decode,
               the token choice (Engine._choose_token) and the rest (Python).
-raw variants: `prefilter-1-thread`: the CPU token choice without its threads (fast_sampling.Prefilter);
-              `backend-topk`: llama.cpp's backend sampling picks each sequence's top K logits on
+raw variants: `backend-topk`: llama.cpp's backend sampling picks each sequence's top K logits on
               the GPU (a top-k sampler attached to every slot), the engine runs the request's chain
               on those K (the same tokens as the CPU path, checked); `backend-chain`: the request's
               whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU.
@@ -62,21 +61,6 @@ def gpu_memory_mib() -> float | None:
 
 
 # ---- raw llama.cpp ------------------------------------------------------------------------
-
-class OneThreadPrefilter:
-    """The `prefilter-1-thread` variant: the CPU token choice without Prefilter's threads."""
-
-    def __init__(self, engine):
-        import fast_sampling
-        self.engine, self.saved = engine, engine._prefilter
-        engine._prefilter = fast_sampling.Prefilter(1)
-
-    def admit(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.engine._prefilter = self.saved
-
 
 class BackendSampling:
     """Attach llama.cpp backend samplers to an engine's context (a bench-only experiment: the
@@ -148,9 +132,10 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     real_decode, real_choose = llama_cpp.llama_decode, eng._choose_token
     spent = {"decode": 0.0, "choose": 0.0}
 
-    def timed_decode(*args):
+    def timed_decode(ctx, batch):
         t = time.perf_counter()
-        rc = real_decode(*args)
+        rc = real_decode(ctx, batch)
+        llama_cpp.llama_synchronize(ctx)   # on a GPU llama_decode returns before the work is done
         spent["decode"] += time.perf_counter() - t
         return rc
 
@@ -198,14 +183,13 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     out: dict = {}
     try:
         for variant in ["cpu", *variants]:
-            backend = (None if variant == "cpu" else OneThreadPrefilter(eng) if variant == "prefilter-1-thread"
-                       else BackendSampling(eng, variant, backend_top_k))
+            backend = None if variant == "cpu" else BackendSampling(eng, variant, backend_top_k)
             try:
                 eng.clear_cache()
                 one_run(min(4, n_slots), warmup_tokens, samplings[0], backend)   # kernels, graphs, allocations
                 for n in streams:
                     for s in samplings:
-                        if variant in ("backend-chain", "prefilter-1-thread") and s == "greedy":
+                        if variant == "backend-chain" and s == "greedy":
                             continue
                         eng.clear_cache()
                         r = one_run(n, max_tokens, s, backend)
@@ -410,7 +394,7 @@ def tables(report: dict) -> str:
     out += prof
     # same tokens?
     checks = []
-    for variant in ("prefilter-1-thread", "backend-topk", "backend-chain"):
+    for variant in ("backend-topk", "backend-chain"):
         for s, by_n in raw.get(variant, {}).items():
             for n, r in by_n.items():
                 ref = cpu.get(s, {}).get(n, {}).get("texts_sha256")
@@ -446,7 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
     p.add_argument("--variants", default="", help="raw engine variants beside the CPU token choice: "
-                   "backend-topk, backend-chain, prefilter-1-thread (comma-separated)")
+                   "backend-topk, backend-chain (comma-separated)")
     p.add_argument("--backend-top-k", type=int, default=128, help="candidates the backend keeps (backend-topk)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--n-slots", type=int, default=0, help="sequence slots in all (0: max streams)")

@@ -3,12 +3,12 @@
 #
 #   bench/gpu_run.sh build   set up, build llama-cpp-python and llama-server with CUDA (sm_90 only) from the
 #                            carried sdist, write the 8B-class random GGUF, check the pipeline on a tiny
-#                            model, and return the wheel and llama-server in $OUT/llamawheel/ (copy that
-#                            folder to .gpu_carry/llamawheel to skip the build next time)
+#                            model, and return the build in $OUT/llamapkg/ (copy that folder to
+#                            .gpu_carry/llamapkg to skip the build next time)
 #   bench/gpu_run.sh bench   set up (reusing this machine's build or the carried wheel), make the GGUF if
 #                            missing, run bench/gpu_bench.py; results in $OUT (table.md, results.json,
-#                            bench.log, logs.txt, gpu.txt: 5 files, no folders)
-#   bench/gpu_run.sh all     both, without returning the wheel
+#                            logs.txt, gpu.txt: 4 files, no folders)
+#   bench/gpu_run.sh all     build and bench (no tiny check); the build comes back if the files fit
 #
 # Everything it needs travels in .gpu_carry/, which bench/gpu_carry.sh assembles on a machine with network
 # (see its header and docs/gpu.md). Settings (environment): STREAMS (1,8,32), SAMPLING (greedy,sampled),
@@ -77,10 +77,10 @@ build() {
   mkdir -p "$W/wheel"
   if ls "$W"/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
     log "llama-cpp-python: reusing $(ls "$W"/wheel/*.whl)"
-  elif ls "$C"/llamawheel/part.* >/dev/null 2>&1; then
-    log "llama-cpp-python: the carried CUDA wheel"
-    cat "$C"/llamawheel/part.* > "$W/wheel/$(cat "$C/llamawheel/name.txt")"
-    [ -f "$C/llamawheel/llama-server.tar.xz" ] && mkdir -p "$W/lsrv" && tar -xJf "$C/llamawheel/llama-server.tar.xz" -C "$W/lsrv"
+  elif ls "$C"/llamapkg/part.* >/dev/null 2>&1; then
+    log "llama-cpp-python: the carried CUDA build (llamapkg)"
+    cat "$C"/llamapkg/part.* | tar -xJf - -C "$W" || die "could not unpack $C/llamapkg"
+    rm -rf "$SITE/llama_cpp" && mv "$W/pkg/llama_cpp" "$SITE/" && [ -d "$W/pkg/lsrv" ] && mv "$W/pkg/lsrv" "$W/"
   else
     log "llama-cpp-python and llama-server: building with CUDA ($CUDA_ARCH) from the sdist"
     mkdir -p "$W/src" && tar -xJf "$C/src/llama_cpp_python-$LLAMA_VERSION-trim.tar.xz" -C "$W/src" \
@@ -96,16 +96,19 @@ build() {
     log "wheel built in $((SECONDS - t0)) s: $(ls -la "$W"/wheel/*.whl)"
     if [ "$LLAMA_SERVER" = 1 ]; then
       t0=$SECONDS
+      # LLAVA_BUILD=OFF: with the tools on, llama.cpp adds tools/mtmd itself (twice is a CMake error)
       { cmake -S "$W/src/llama_cpp_python-$LLAMA_VERSION" -B "$W/llbuild" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
-          -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-        && cmake --build "$W/llbuild" --target llama-server -j "$(nproc)"; } >> "$W/build.log" 2>&1 \
+          -DLLAVA_BUILD=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        && timeout "${SERVER_BUILD_S:-200}" cmake --build "$W/llbuild" --target llama-server -j "$(nproc)"; } >> "$W/build.log" 2>&1 \
         && server_dir \
         && log "llama-server built in $((SECONDS - t0)) s" \
-        || { tail -20 "$W/build.log"; log "llama-server build failed: no llama-server columns"; }
+        || { grep -E "error|Error" "$W/build.log" | tail -8; log "llama-server build failed: no llama-server columns"; }
     fi
   fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "$W"/wheel/llama_cpp_python-*.whl || die "pip install of the llama-cpp-python wheel failed"
+  if ls "$W"/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$W"/wheel/llama_cpp_python-*.whl || die "pip install of the llama-cpp-python wheel failed"
+  fi
   python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'GPU offload:', bool(llama_cpp.llama_supports_gpu_offload()))"
   # llama-server uses the wheel's libllama/libggml (the same build), and its own libllama-common
   if [ -x "$W/lsrv/llama-server" ]; then
@@ -124,17 +127,38 @@ server_dir() {   # $W/lsrv: llama-server and the shared libraries of its build t
   done
 }
 
-return_wheel() {
-  # $OUT/llamawheel/ = what .gpu_carry/llamawheel/ must hold: part.NN (15 MiB each: files over 16 MiB do not
-  # come back), name.txt, llama-server.tar.xz. At most 8 files come back: the wheel may use 6 parts.
-  local whl; whl=$(ls "$W"/wheel/llama_cpp_python-*.whl | head -1)
-  mkdir -p "$OUT/llamawheel"
-  basename "$whl" > "$OUT/llamawheel/name.txt"
-  split -b 15M -d "$whl" "$OUT/llamawheel/part."
-  [ -x "$W/lsrv/llama-server" ] && tar -C "$W/lsrv" -cJf "$OUT/llamawheel/llama-server.tar.xz" .
-  local n; n=$(find "$OUT" -type f | wc -l)
-  [ "$n" -le 8 ] || log "WARNING: $n files under \$OUT, only 8 come back: $(ls "$OUT"/llamawheel)"
-  ls -la "$OUT/llamawheel"
+return_package() {
+  # $OUT/llamapkg/part.NN = what .gpu_carry/llamapkg/ must hold: the installed llama_cpp package and llama-server
+  # with its libraries, xz'd, in 15 MiB parts (files over 16 MiB do not come back). Not the wheel: its build
+  # installs every library twice and pip keeps the .so/.so.0/.so.0.x names as three copies (151 MB for sm_90);
+  # here each library is stored once and its other names are links. At most 8 files come back in all.
+  rm -rf "$W/pkg" && mkdir -p "$W/pkg" && cp -a "$SITE/llama_cpp" "$W/pkg/" && { [ -d "$W/lsrv" ] && cp -a "$W/lsrv" "$W/pkg/"; }
+  python3 - "$W/pkg" <<'PY'
+import hashlib, os, sys
+seen = {}
+for d, _, files in os.walk(sys.argv[1]):
+    for f in sorted(files, key=len, reverse=True):     # the longest name (libx.so.0.25.3) stays a file
+        p = os.path.join(d, f)
+        if os.path.islink(p) or not f.startswith("lib"):
+            continue
+        key = (d, os.path.getsize(p), hashlib.sha1(open(p, "rb").read()).hexdigest())
+        if key in seen:
+            os.remove(p)
+            os.symlink(os.path.basename(seen[key]), p)
+        else:
+            seen[key] = p
+PY
+  find "$W/pkg" -name __pycache__ -prune -exec rm -rf {} +
+  mkdir -p "$W/pkgout" && rm -f "$W"/pkgout/*
+  tar -C "$W" -cf - pkg | xz -T0 -6 | split -b 15M -d - "$W/pkgout/part."
+  local have parts
+  have=$(find "$OUT" -type f | wc -l); parts=$(ls "$W"/pkgout | wc -l)
+  if [ $((have + parts)) -le 8 ]; then
+    mkdir -p "$OUT/llamapkg" && cp "$W"/pkgout/part.* "$OUT/llamapkg/"
+    log "llamapkg: $parts part(s) in \$OUT/llamapkg ($(du -sh "$W/pkgout" | cut -f1))"
+  else
+    log "llamapkg: $parts part(s) ($(du -sh "$W/pkgout" | cut -f1)) do not fit beside $have files in \$OUT: not returned"
+  fi
 }
 
 # The image's torch is a CUDA build (cu130, its own cuBLAS/cudart); TorchServe's worker imports it
@@ -200,7 +224,8 @@ bench() {
     --max-tokens "$MAX_TOKENS" --step-budget-ms "$BUDGETS" --workers "$WORKERS" --worker-streams "$WORKER_STREAMS" \
     ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
     | grep -vE '^llama_|^load|^print_info|^ggml_' | tee "$W/bench.log"
-  cp "$W/results/table.md" "$W/results/results.json" "$W/results/logs.txt" "$W/bench.log" "$OUT/" 2>/dev/null
+  cat "$W/bench.log" >> "$W/results/logs.txt"
+  cp "$W/results/table.md" "$W/results/results.json" "$W/results/logs.txt" "$OUT/" 2>/dev/null
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
     nproc; python3 --version; } > "$OUT/gpu.txt" 2>&1
 }
@@ -214,7 +239,7 @@ case "$MODE" in
     f16=$!
     build
     [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
-    return_wheel
+    return_package
     { while kill -0 $f16 2>/dev/null; do sleep 2; done; make_gguf; } > "$W/gguf.log" 2>&1 &
     gguf=$!
     tiny_check
@@ -223,14 +248,14 @@ case "$MODE" in
     build
     [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
     bench ;;
-  all)
+  all)   # build and bench in one go (no tiny check); the build comes back too if the files fit
     write_f16 > "$W/f16.log" 2>&1 &
     f16=$!
     build
     [ -x "$SITE/bin/llama-server-run" ] && [ "$LLAMA_SERVER" = 1 ] && LLAMA_SERVER_BIN=$SITE/bin/llama-server-run
-    tiny_check
-    wait $f16
-    bench ;;
+    wait $f16; cat "$W/f16.log"
+    bench
+    return_package ;;
   *) die "mode: build | bench | all" ;;
 esac
 log done

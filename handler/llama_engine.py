@@ -351,9 +351,6 @@ class Engine:
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_vocab = self.model.n_vocab()
         self.batch = LlamaBatch(n_tokens=config.n_batch, embd=0, n_seq_max=1, verbose=False)
-        # _choose_token's candidates; in threads only where the cores wait for a GPU (on a busy 2-core
-        # host two threads took 2-3x longer than one)
-        self._prefilter = fast_sampling.Prefilter(threads=min(8, config.n_threads) if config.n_gpu_layers else 1)
         # Without cache_answers, a prompt is read in chunks at fixed positions, [k*chunk, (k+1)*chunk),
         # so that its KV is the same whatever was cached before (see _admit_waiting). A chunk must
         # fit in a batch beside one token of every other slot, hence the cap (prefill_chunk in any
@@ -621,14 +618,10 @@ class Engine:
         if active.sampler is None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
             return int(logits.argmax())
-        m = fast_sampling.candidates_needed(sampling, active.n_generated)
-        if m is None:
+        if fast_sampling.candidates_needed(sampling, active.n_generated) is None:
             return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
-        largest = lambda: max((fast_sampling.candidates_needed(s.active.request.sampling, s.active.n_generated) or 0  # noqa: E731
-                               for s in self.slots if s.active is not None), default=0)
-        ids = self._prefilter.candidates(self.ctx, self.n_vocab, self.stats.decode_calls, logits_index, m, largest)
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-        return fast_sampling.choose_among(active.sampler, ids, logits[ids])
+        return fast_sampling.choose(active.sampler, sampling, active.n_generated, logits)
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """The token's logprob and the n_top most likely at its position, from the raw logits."""
