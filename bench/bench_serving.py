@@ -157,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--streams", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
+    parser.add_argument("--step-budget-ms", type=float, help="the handler's step_budget_ms (default: model-config.yaml's)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the streams x sampling table (no conversation, memory or batch-size-1 rows)")
     parser.add_argument("--render", metavar="SERVING_JSON", help="only rewrite the table and plot from a saved run")
@@ -172,10 +173,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    server = bench_server(work, {"batchSize: 8 ": "batchSize: 16 ", "n_threads: 0 ": f"n_threads: {args.threads} "})
+    changes = {"batchSize: 8 ": "batchSize: 16 ", "n_threads: 0 ": f"n_threads: {args.threads} "}
+    if args.step_budget_ms is not None:
+        changes["step_budget_ms: 50 "] = f"step_budget_ms: {args.step_budget_ms:g} "
+    server = bench_server(work, changes)
     streams = [int(n) for n in args.streams.split(",")]
     samplings = args.sampling.split(",")
     report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
+              "step_budget_ms": args.step_budget_ms,
               "gguf": GGUF.name, "repeats": args.repeats, "streams": streams, "samplings": samplings,
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0],
               "torchserve": {}, "single": {}, "llama_server": {}}

@@ -232,7 +232,7 @@ def decode_steps(client) -> float:
 
 def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens: int, n_slots: int, n_ctx: int,
                  n_gpu_layers: int, n_batch: int, flash_attn: bool, step_budget_ms: float, workers: int,
-                 work: Path, name: str, route: str = "bare") -> dict:
+                 work: Path, name: str, route: str = "bare", served_threads: int = 0) -> dict:
     """{sampling: {streams: summary}} plus the model's memory, for one TorchServe model."""
     from chatstack.torchserve_process import TorchServeProcess, free_port_overrides
 
@@ -240,6 +240,7 @@ def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens
     store.mkdir(parents=True, exist_ok=True)
     cfg = served_config(ROOT / "model-config.yaml", work / f"{name}-config.yaml",
                         {"n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "max_tokens": min(512, n_ctx // 2),
+                         "n_threads": served_threads,
                          "n_slots": 0, "n_batch": n_batch,
                          "step_budget_ms": step_budget_ms, "flash_attn": str(flash_attn).lower()},
                         {"batchSize": n_slots // workers, "minWorkers": workers, "maxWorkers": workers})
@@ -443,6 +444,7 @@ def main(argv=None) -> int:
                    "more than 1: greedy only, at --worker-streams")
     p.add_argument("--worker-streams", default="32,64")
     p.add_argument("--route", choices=["bare", "openai"], default="bare")
+    p.add_argument("--served-threads", type=int, default=0, help="handler n_threads of the served model (0: cores / workers)")
     p.add_argument("--llama-server", help="llama-server binary built from the same llama.cpp source")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--skip-served", action="store_true")
@@ -479,7 +481,8 @@ def main(argv=None) -> int:
                 kw = dict(streams=worker_streams, samplings=["greedy"], workers=w)
             parts.append((f"torchserve, {w} worker(s), step_budget_ms {b:g}", name,
                           lambda kw=kw, b=b, name=name: served_bench(a.gguf, step_budget_ms=b, work=work, name=name,
-                                                                     route=a.route, **kw, **common)))
+                                                                     route=a.route, served_threads=a.served_threads,
+                                                                     **kw, **common)))
     if a.llama_server:
         parts.insert(min(1, len(parts)), ("llama-server", None, lambda: llama_server_bench(
             a.llama_server, a.gguf, streams, samplings, work=work, **common)))
