@@ -22,6 +22,7 @@ REQUESTS_FINISHED = "llama_requests_finished"   # labelled by Reason
 SLOTS_ACTIVE = "llama_slots_active"
 SLOTS_FREE = "llama_slots_free"
 TIME_TO_FIRST_TOKEN_MS = "llama_time_to_first_token_ms"
+TOKENS_PER_SECOND = "llama_tokens_per_second"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 
 from chatstack.metric_names import (PROMPT_TOKENS_EVALUATED, PROMPT_TOKENS_REUSED, REQUESTS_FINISHED, SLOTS_ACTIVE,
-                                    SLOTS_FREE, TIME_TO_FIRST_TOKEN_MS, TOKENS_GENERATED, declared_metrics)
+                                    SLOTS_FREE, TIME_TO_FIRST_TOKEN_MS, TOKENS_GENERATED, TOKENS_PER_SECOND,
+                                    declared_metrics)
 from chatstack.torchserve_client import TorchServeClient
 
 
@@ -20,7 +21,7 @@ class MetricsSnapshot:
 
 # Gauges of one request's figures (the handler reports them per worker): averaged over the
 # workers, where counters and slot gauges add up.
-AVERAGED = {TIME_TO_FIRST_TOKEN_MS, "llama_tokens_per_second"}
+AVERAGED = {TIME_TO_FIRST_TOKEN_MS, TOKENS_PER_SECOND}
 
 
 def snapshot(client: TorchServeClient) -> MetricsSnapshot:

@@ -20,6 +20,16 @@ from reasoning import ReasoningSplitter
 from tool_calls import ToolCallParser
 
 
+
+def _feed(splitter, text: str, last: bool) -> tuple:
+    """Pass text through a splitter of the answer (reasoning, tool calls): the two parts it
+    returns, with what it still held added when this is the answer's last text."""
+    first, second = splitter.feed(text)
+    if last:
+        more_first, more_second = splitter.finish()
+        first, second = first + more_first, second + more_second
+    return first, second
+
 class Choice:
     """One choice of an answer: the engine request behind it, and what it said so far."""
 
@@ -44,16 +54,10 @@ class Choice:
         """What this update adds, as a delta: content and tool_calls fragments."""
         text, calls, thought = upd.text, [], ""
         if self.reasoning is not None:
-            thought, text = self.reasoning.feed(text)
-            if upd.finished:
-                more_thought, more_text = self.reasoning.finish()
-                thought, text = thought + more_thought, text + more_text
+            thought, text = _feed(self.reasoning, text, upd.finished)
             self.thought.append(thought)
         if self.tools is not None:
-            text, calls = self.tools.feed(text)
-            if upd.finished:
-                rest, more = self.tools.finish()
-                text, calls = text + rest, calls + more
+            text, calls = _feed(self.tools, text, upd.finished)
         self.content.append(text)
         self.last = upd
         if self.logprobs is not None:
