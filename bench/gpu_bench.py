@@ -251,7 +251,8 @@ def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens
     t0 = time.monotonic()
     memory_before = gpu_memory_mib()
     server.start()
-    out: dict = {"workers": workers, "step_budget_ms": step_budget_ms, "slots_per_worker": n_slots // workers}
+    out: dict = {"workers": workers, "step_budget_ms": step_budget_ms, "slots_per_worker": n_slots // workers,
+                 "n_threads": served_threads}
     try:
         client = server.client(timeout=60)
         client.register(f"{name}.mar", initial_workers=workers, timeout=600)
@@ -360,7 +361,7 @@ def _f(v, spec=".0f"):
 def tables(report: dict) -> str:
     raw, served, ls = report.get("raw", {}), report.get("served", {}), report.get("llama_server", {})
     cpu = raw.get("cpu", {})
-    main = next((c for c in served.values() if c.get("workers") == 1), None)
+    main = next((c for c in served.values() if c.get("workers") == 1), None)   # the first: n_threads as asked first
     lines = ["| sampling | streams | raw tok/s | sampled / greedy raw | raw, backend top-k tok/s | "
              "TorchServe tok/s | TorchServe / raw | TTFT p50 / p95 (s) | llama-server tok/s | "
              "TorchServe / llama-server | raw / llama-server |",
@@ -408,6 +409,21 @@ def tables(report: dict) -> str:
         out += ["", *(f"- raw {k} failed: {v}" for k, v in raw["failed"].items())]
     out += [f"- {k} failed: {v}" for k, v in report.get("failed", {}).items()]
     out += [f"- {k}: skipped (deadline)" for k in report.get("skipped", [])]
+    # llama.cpp threads of the served model (issue #18: is the sampled TorchServe gap CPU threads?)
+    by_threads = [c for c in served.values() if c.get("workers") == 1 and c.get("step_budget_ms") == (main or {}).get(
+        "step_budget_ms")]
+    if len({c.get("n_threads") for c in by_threads}) > 1:
+        out += ["", "TorchServe, one worker, by llama.cpp threads (n_threads 0 = cores / workers):", "",
+                "| n_threads | sampling | streams | tok/s | / raw | TTFT p50 (s) | TorchServe step (ms) |",
+                "|---:|---|---:|---:|---:|---:|---:|"]
+        for c in by_threads:
+            for s in samplings:
+                for n, t in sorted(c.get(s, {}).items()):
+                    rt = cpu.get(s, {}).get(n, {}).get("tokens_per_s")
+                    tt = t.get("tokens_per_s")
+                    out.append(f"| {c.get('n_threads')} | {s} | {n} | {_f(tt)} | "
+                               f"{_f(tt / rt, '.2f') if tt and rt else '-'} | {_f(t.get('ttft_p50_s'), '.3f')} | "
+                               f"{_f(t.get('step_ms'), '.2f')} |")
     # workers (issue #16)
     configs = [c for c in served.values() if "workers" in c]
     if len({c["workers"] for c in configs}) > 1:
@@ -444,7 +460,8 @@ def main(argv=None) -> int:
                    "more than 1: greedy only, at --worker-streams")
     p.add_argument("--worker-streams", default="32,64")
     p.add_argument("--route", choices=["bare", "openai"], default="bare")
-    p.add_argument("--served-threads", type=int, default=0, help="handler n_threads of the served model (0: cores / workers)")
+    p.add_argument("--served-threads", default="0", help="comma-separated handler n_threads of the served model "
+                   "(0: cores / workers); each value after the first adds a TorchServe model at the first budget")
     p.add_argument("--llama-server", help="llama-server binary built from the same llama.cpp source")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--skip-served", action="store_true")
@@ -471,17 +488,19 @@ def main(argv=None) -> int:
     parts = []   # in order of importance: what a deadline cuts is the end
     if not a.skip_served:
         budgets = [float(x) for x in a.step_budget_ms.split(",")]
-        configs = [(1, b) for b in budgets] + [(w, budgets[0]) for w in workers if w != 1]
-        for i, (w, b) in enumerate(configs):
+        threads = [int(t) for t in a.served_threads.split(",")]
+        configs = ([(1, b, threads[0]) for b in budgets] + [(w, budgets[0], threads[0]) for w in workers if w != 1]
+                   + [(1, budgets[0], t) for t in threads[1:]])
+        for i, (w, b, t) in enumerate(configs):
             name = f"bench{i}"
             if w == 1:
                 ns = sorted(set(streams + (worker_streams if b == budgets[0] else [])))
                 kw = dict(streams=ns, samplings=samplings, workers=1)
             else:
                 kw = dict(streams=worker_streams, samplings=["greedy"], workers=w)
-            parts.append((f"torchserve, {w} worker(s), step_budget_ms {b:g}", name,
-                          lambda kw=kw, b=b, name=name: served_bench(a.gguf, step_budget_ms=b, work=work, name=name,
-                                                                     route=a.route, served_threads=a.served_threads,
+            parts.append((f"torchserve, {w} worker(s), step_budget_ms {b:g}, n_threads {t or 'cores / workers'}", name,
+                          lambda kw=kw, b=b, t=t, name=name: served_bench(a.gguf, step_budget_ms=b, work=work,
+                                                                          name=name, route=a.route, served_threads=t,
                                                                      **kw, **common)))
     if a.llama_server:
         parts.insert(min(1, len(parts)), ("llama-server", None, lambda: llama_server_bench(
