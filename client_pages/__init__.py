@@ -1,0 +1,1 @@
+"""The chat client's pages, listed by client_app.py (st.navigation)."""
