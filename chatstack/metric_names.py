@@ -24,6 +24,45 @@ SLOTS_FREE = "llama_slots_free"
 TIME_TO_FIRST_TOKEN_MS = "llama_time_to_first_token_ms"
 TOKENS_PER_SECOND = "llama_tokens_per_second"
 
+# Capacity, per worker (labels ModelName, WorkerPid): requests queued for a free slot, slots by state.
+REQUESTS_WAITING = "llama_requests_waiting"
+SLOTS_READING_PROMPT = "llama_slots_reading_prompt"
+SLOTS_GENERATING = "llama_slots_generating"
+# Per slot (labels ModelName, WorkerPid, Slot).
+SLOT_STATE = "llama_slot_state"                               # one of SLOT_STATES' values
+SLOT_CONTEXT_TOKENS = "llama_slot_context_tokens"             # tokens whose KV the slot holds (an idle one keeps them for reuse)
+SLOT_PROMPT_TOKENS_REUSED = "llama_slot_prompt_tokens_reused"  # prompt tokens its current (or last) request reused
+SLOT_STATES = {0: "idle", 1: "reading prompt", 2: "generating"}   # SLOT_STATE's values (handler/llama_metrics.py)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A per-request distribution the handler exports as Prometheus histogram series: counters
+    `<name>_bucket` (label `le`, cumulative, `+Inf` last), `<name>_sum` and `<name>_count`, so
+    PromQL's histogram_quantile works on them (metrics.yaml says why not TorchServe's histogram type)."""
+
+    name: str
+
+    @property
+    def bucket(self) -> str:
+        return self.name + "_bucket"
+
+    @property
+    def sum(self) -> str:
+        return self.name + "_sum"
+
+    @property
+    def count(self) -> str:
+        return self.name + "_count"
+
+
+# Per request, labels ModelName (the buckets also le); bucket bounds in handler/llama_metrics.py.
+REQUEST_TIME_TO_FIRST_TOKEN_MS = Histogram("llama_request_time_to_first_token_ms")   # arrival to first token
+REQUEST_QUEUE_WAIT_MS = Histogram("llama_request_queue_wait_ms")                     # arrival to its slot starting
+REQUEST_LATENCY_MS = Histogram("llama_request_latency_ms")                           # arrival to last token
+REQUEST_TOKENS_PER_SECOND = Histogram("llama_request_tokens_per_second")             # the answer's generation rate
+HISTOGRAMS = (REQUEST_TIME_TO_FIRST_TOKEN_MS, REQUEST_QUEUE_WAIT_MS, REQUEST_LATENCY_MS, REQUEST_TOKENS_PER_SECOND)
+
 
 @dataclass(frozen=True)
 class MetricNames:
@@ -35,6 +74,18 @@ class MetricNames:
     @property
     def counters(self) -> tuple[str, ...]:
         return self.handler_counters + self.torchserve_counters
+
+    @property
+    def handler_histograms(self) -> tuple[Histogram, ...]:
+        """The handler's histograms: those whose _bucket, _sum and _count counters are all declared."""
+        return tuple(Histogram(n.removesuffix("_bucket")) for n in self.handler_counters
+                     if n.endswith("_bucket") and {n[:-7] + "_sum", n[:-7] + "_count"} <= set(self.handler_counters))
+
+    @property
+    def handler_plain_counters(self) -> tuple[str, ...]:
+        """The handler's counters that are not a histogram's series (a table of totals shows these)."""
+        series = {s for h in self.handler_histograms for s in (h.bucket, h.sum, h.count)}
+        return tuple(n for n in self.handler_counters if n not in series)
 
 
 @lru_cache

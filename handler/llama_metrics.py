@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from llama_engine import EngineStats
+from llama_engine import EngineStats, SlotState
 
 # counters
 TOKENS_GENERATED = "llama_tokens_generated"
@@ -27,9 +27,38 @@ SLOTS_FREE = "llama_slots_free"
 TIME_TO_FIRST_TOKEN_MS = "llama_time_to_first_token_ms"
 TOKENS_PER_SECOND = "llama_tokens_per_second"
 
+# capacity gauges, per worker
+REQUESTS_WAITING = "llama_requests_waiting"
+SLOTS_READING_PROMPT = "llama_slots_reading_prompt"
+SLOTS_GENERATING = "llama_slots_generating"
+# per-slot gauges (label Slot)
+SLOT_STATE = "llama_slot_state"                  # SLOT_STATE_VALUES
+SLOT_CONTEXT_TOKENS = "llama_slot_context_tokens"
+SLOT_PROMPT_TOKENS_REUSED = "llama_slot_prompt_tokens_reused"
+# histograms (per request): each is three counters, <name>_bucket (label le), <name>_sum, <name>_count
+REQUEST_TIME_TO_FIRST_TOKEN_MS = "llama_request_time_to_first_token_ms"
+REQUEST_QUEUE_WAIT_MS = "llama_request_queue_wait_ms"
+REQUEST_LATENCY_MS = "llama_request_latency_ms"
+REQUEST_TOKENS_PER_SECOND = "llama_request_tokens_per_second"
+
+# The histograms' bucket upper bounds (+Inf is added): the one place they are chosen. Milliseconds
+# from a cached prompt on a GPU (a few ms) to a long answer on a small CPU (minutes); tokens/s from
+# a loaded CPU to one stream on a GPU.
+MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 120_000, 300_000)
+TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+HISTOGRAM_BUCKETS = {
+    REQUEST_TIME_TO_FIRST_TOKEN_MS: MS_BUCKETS,
+    REQUEST_QUEUE_WAIT_MS: MS_BUCKETS,
+    REQUEST_LATENCY_MS: MS_BUCKETS,
+    REQUEST_TOKENS_PER_SECOND: TOKENS_PER_SECOND_BUCKETS,
+}
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+SLOT_STATE_VALUES = {SlotState.IDLE: 0, SlotState.READING_PROMPT: 1, SlotState.GENERATING: 2}
+
 COUNTERS = (TOKENS_GENERATED, PROMPT_TOKENS_EVALUATED, PROMPT_TOKENS_REUSED, DECODE_STEPS, SEQUENCES_DECODED,
-            REQUESTS_FINISHED)
-GAUGES = (SLOTS_ACTIVE, SLOTS_FREE, TIME_TO_FIRST_TOKEN_MS, TOKENS_PER_SECOND)
+            REQUESTS_FINISHED, *(name + series for name in HISTOGRAM_BUCKETS for series in HISTOGRAM_SERIES))
+GAUGES = (SLOTS_ACTIVE, SLOTS_FREE, TIME_TO_FIRST_TOKEN_MS, TOKENS_PER_SECOND, REQUESTS_WAITING,
+          SLOTS_READING_PROMPT, SLOTS_GENERATING, SLOT_STATE, SLOT_CONTEXT_TOKENS, SLOT_PROMPT_TOKENS_REUSED)
 
 _COUNTED_STATS = {
     TOKENS_GENERATED: "tokens_generated",
