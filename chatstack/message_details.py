@@ -76,7 +76,9 @@ def detail_rows(details) -> list[DetailRow]:
     `details` is what the store keeps with an answer: the handler's `timings`
     (queue_ms, prompt_n, cache_n, prompt_ms, prompt_per_second, ttft_ms,
     predicted_n, predicted_ms, predicted_per_second) plus `model_version` and
-    `finish_reason`, flat in one dict."""
+    `finish_reason`, flat in one dict. Queue wait and time to first token count
+    from the request's arrival at the handler (TorchServe's own queue before it
+    is not in them)."""
     details = as_dict(details)
     figure = {name: _number(details.get(name)) for name in (
         "queue_ms", "prompt_n", "cache_n", "prompt_ms", "prompt_per_second", "ttft_ms",
@@ -93,14 +95,18 @@ def detail_rows(details) -> list[DetailRow]:
     reason = details.get("finish_reason")
     add("Finish reason", FINISH_REASONS.get(reason, reason) if isinstance(reason, str) and reason else None)
     add("Queue wait", duration(figure["queue_ms"]) if figure["queue_ms"] is not None else None)
-    add("Prompt tokens", tokens(figure["prompt_n"]) if figure["prompt_n"] is not None else None)
-    if figure["cache_n"] is not None:
-        share = (f" ({figure['cache_n'] / figure['prompt_n']:.0%} of the prompt)"
-                 if figure["prompt_n"] else "")
-        add("Prompt tokens reused from cache", tokens(figure["cache_n"]) + share)
+    # As llama-server counts them: prompt_n tokens were read, cache_n more were reused from the cache.
+    read, cached = figure["prompt_n"], figure["cache_n"]
+    if read is not None:
+        add("Prompt tokens", tokens(read + (cached or 0)))
+    if cached is not None:
+        whole = (read or 0) + cached
+        add("Prompt tokens reused from cache", tokens(cached) + (f" ({cached / whole:.0%} of the prompt)"
+                                                                 if read is not None and whole else ""))
     if figure["prompt_ms"] is not None:
-        speed = f" ({rate(figure['prompt_per_second'])})" if figure["prompt_per_second"] else ""
-        add("Prompt processing", duration(figure["prompt_ms"]) + speed)
+        speed = f", {rate(figure['prompt_per_second'])}" if figure["prompt_per_second"] else ""
+        counted = f" for {tokens(read)} read" if read is not None else ""
+        add("Prompt processing", duration(figure["prompt_ms"]) + counted + speed)
     add("Time to first token", duration(figure["ttft_ms"]) if figure["ttft_ms"] is not None else None)
     add("Generated tokens", tokens(figure["predicted_n"]) if figure["predicted_n"] is not None else None)
     add("Generation time", duration(figure["predicted_ms"]) if figure["predicted_ms"] is not None else None)

@@ -9,7 +9,7 @@ import pytest
 
 from chatstack.message_details import (DetailRow, detail_rows, details_markdown, duration, tool_call_blocks)
 
-FULL = {"queue_ms": 3.4, "prompt_n": 120, "cache_n": 90, "prompt_ms": 250.0, "prompt_per_second": 480.0,
+FULL = {"queue_ms": 3.4, "prompt_n": 30, "cache_n": 90, "prompt_ms": 250.0, "prompt_per_second": 480.0,
         "ttft_ms": 262.5, "predicted_n": 64, "predicted_ms": 1600.0, "predicted_per_second": 40.0,
         "model_version": "2.0", "finish_reason": "length"}
 
@@ -22,7 +22,7 @@ def test_every_figure_has_its_row_with_units():
         "Queue wait": "3.4 ms",
         "Prompt tokens": "120 tokens",
         "Prompt tokens reused from cache": "90 tokens (75% of the prompt)",
-        "Prompt processing": "250 ms (480.0 tokens/s)",
+        "Prompt processing": "250 ms for 30 tokens read, 480.0 tokens/s",
         "Time to first token": "262 ms",
         "Generated tokens": "64 tokens",
         "Generation time": "1.60 s",
@@ -47,9 +47,12 @@ def test_details_stored_as_json_text_are_read():
         DetailRow("Finish reason", "stop (the model ended its answer)"), DetailRow("Prompt tokens", "1 token")]
 
 
-def test_cache_share_needs_a_prompt_count():
-    assert detail_rows({"cache_n": 0}) == [DetailRow("Prompt tokens reused from cache", "0 tokens")]
-    assert detail_rows({"cache_n": 5, "prompt_n": 0})[1] == DetailRow("Prompt tokens reused from cache", "5 tokens")
+def test_prompt_tokens_count_what_was_read_and_what_came_from_the_cache():
+    assert detail_rows({"prompt_n": 12, "cache_n": 0}) == [
+        DetailRow("Prompt tokens", "12 tokens"), DetailRow("Prompt tokens reused from cache", "0 tokens (0% of the prompt)")]
+    assert detail_rows({"cache_n": 5}) == [DetailRow("Prompt tokens reused from cache", "5 tokens")]
+    assert detail_rows({"prompt_n": 0, "cache_n": 0})[1] == DetailRow("Prompt tokens reused from cache", "0 tokens")
+    assert detail_rows({"prompt_ms": 20.0}) == [DetailRow("Prompt processing", "20 ms")]
 
 
 @pytest.mark.parametrize("ms, shown", [(0, "0 ms"), (0.42, "0.4 ms"), (12.4, "12 ms"), (999.4, "999 ms"),
