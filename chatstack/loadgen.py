@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -44,6 +45,8 @@ DEFAULT_PROMPTS = [
     "Summarize the history of the printing press.",
     "Give step-by-step instructions for baking bread at home.",
 ]
+
+STOPPED = "stopped before the end (should_stop)"
 
 # The two sampling settings the benchmarks compare (the same on every server):
 # greedy with no penalties (the argmax fast path), and the chat defaults of model-config.yaml
@@ -137,7 +140,9 @@ def _chunks(resp: requests.Response, sse: bool):
         yield json.loads(line)
 
 
-def one_request(session: requests.Session, spec: LoadSpec, stream: int, index: int) -> RequestResult:
+def one_request(session: requests.Session, spec: LoadSpec, stream: int, index: int,
+                should_stop: Callable[[], bool] = lambda: False) -> RequestResult:
+    """One streaming request; `should_stop()` true between two chunks closes it (which stops its generation)."""
     res = RequestResult(stream=stream, index=index)
     prompt = spec.prompts[(stream * spec.requests_per_stream + index) % len(spec.prompts)]
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": spec.max_tokens, "stream": True,
@@ -156,6 +161,9 @@ def one_request(session: requests.Session, spec: LoadSpec, stream: int, index: i
                 res.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 return res
             for chunk in _chunks(resp, sse):
+                if should_stop():
+                    res.error = STOPPED
+                    return res
                 res.chunks += 1
                 if "error" in chunk:
                     err = chunk["error"]
@@ -184,8 +192,11 @@ def one_request(session: requests.Session, spec: LoadSpec, stream: int, index: i
     return res
 
 
-def run_load(spec: LoadSpec) -> tuple[list[RequestResult], float]:
-    """Run spec.concurrency streams at once; returns (results, wall seconds)."""
+def run_load(spec: LoadSpec, should_stop: Callable[[], bool] = lambda: False) -> tuple[list[RequestResult], float]:
+    """Run spec.concurrency streams at once; returns (results, wall seconds).
+
+    `should_stop()` (a cancel button, a time limit) is asked between chunks and between
+    requests: once it is true, open requests are closed with error STOPPED and no more start."""
     results: list[RequestResult] = []
     lock = threading.Lock()
     go = threading.Barrier(spec.concurrency + 1)
@@ -195,7 +206,9 @@ def run_load(spec: LoadSpec) -> tuple[list[RequestResult], float]:
         go.wait()
         try:
             for i in range(spec.requests_per_stream):
-                r = one_request(session, spec, stream, i)
+                if should_stop():
+                    break
+                r = one_request(session, spec, stream, i, should_stop)
                 with lock:
                     results.append(r)
         finally:
