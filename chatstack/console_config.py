@@ -13,12 +13,16 @@ from chatstack.torchserve_process import ROOT, TorchServeProcess
 class ConsoleConfig:
     """Environment variables override the defaults so tests (and a second console) can
     use their own folders and ports: CHATSTACK_CONFIG, CHATSTACK_MODEL_STORE,
-    CHATSTACK_RUN_DIR, and CHATSTACK_PORTS=INFERENCE,MANAGEMENT,METRICS[,GRPC_INFERENCE,
-    GRPC_MANAGEMENT] (ports on 127.0.0.1; TorchServe always opens its two gRPC ports too)."""
+    CHATSTACK_RUN_DIR, CHATSTACK_PORTS=INFERENCE,MANAGEMENT,METRICS[,GRPC_INFERENCE,
+    GRPC_MANAGEMENT] (ports on 127.0.0.1; TorchServe always opens its two gRPC ports too),
+    and CHATSTACK_MODEL_FOLDERS: the folders (separated by ':') whose GGUF files and Hugging
+    Face snapshots the console may package; nothing outside them can be added from a browser."""
     config: Path = ROOT / "config.properties"
     model_store: Path = ROOT / "model_store"
     run_dir: Path = ROOT / ".run"
     overrides: tuple[tuple[str, str], ...] = ()
+    # package_llama.sh keeps the default model and converted snapshots here
+    model_folders: tuple[Path, ...] = (ROOT / "models",)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "ConsoleConfig":
@@ -26,7 +30,9 @@ class ConsoleConfig:
         return cls(config=Path(env.get("CHATSTACK_CONFIG", cls.config)),
                    model_store=Path(env.get("CHATSTACK_MODEL_STORE", cls.model_store)),
                    run_dir=Path(env.get("CHATSTACK_RUN_DIR", cls.run_dir)),
-                   overrides=port_overrides(env.get("CHATSTACK_PORTS", "")))
+                   overrides=port_overrides(env.get("CHATSTACK_PORTS", "")),
+                   model_folders=tuple(Path(p) for p in env.get("CHATSTACK_MODEL_FOLDERS", "").split(os.pathsep)
+                                       if p.strip()) or cls.model_folders)
 
     def process(self) -> TorchServeProcess:
         return TorchServeProcess(self.config, self.model_store, self.run_dir, overrides=dict(self.overrides))

@@ -1,17 +1,23 @@
 """Models: the archives in the model store, the registered versions; register, unregister,
-set the default version."""
+set the default version; add a model from a GGUF file or a Hugging Face snapshot on the server."""
 
 import pandas as pd
 import streamlit as st
+import yaml
 
+from chatstack.console_config import ConsoleConfig
 from chatstack.console_display import archive_rows, model_rows
 from chatstack.model_archive import DEFAULT_ARCHIVE, ModelSettings, list_archives
+from chatstack.model_packaging import PackagingRequest, add_model, model_sources, quant_types
 from chatstack.model_registry import register_archive
+from chatstack.torchserve_process import ROOT
 from console_pages.shared import console_process, read_models, run_action
 
 # ---- state
 process = console_process()
 client = process.client(timeout=30)
+model_folders = ConsoleConfig.from_env().model_folders
+packed_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())   # what package_llama.sh packs
 
 # ---- read
 archives = list_archives(process.model_store)
@@ -51,6 +57,35 @@ if running and archives:
         wanted = ModelSettings(min_workers=workers, max_workers=workers, batch_size=batch, max_batch_delay=delay,
                                response_timeout=timeout, continuous_batching=continuous)
 
+add = None
+st.subheader("Add a model")
+if not running:
+    st.info("Start TorchServe to add a model: it is registered once packaged.")
+else:
+    sources = [str(p) for p in model_sources(model_folders)]
+    st.caption("A GGUF file, or a Hugging Face snapshot folder (converted to GGUF, then quantized), from the "
+               f"model folders: {', '.join(f'`{f}`' for f in model_folders)}.")
+    with st.form("add_form"):
+        picked = st.selectbox("Model file", sources, index=None, placeholder="Pick a file from the model folders",
+                              key="add_source")
+        typed = st.text_input("…or its path on the server", key="add_path",
+                              help="Symlinks and .. are resolved first; it must lie inside a model folder")
+        a1, a2, a3, a4 = st.columns(4)
+        add_name = a1.text_input("Name", key="add_name", help="Letters, digits, _ and -; not taken yet")
+        add_version = a2.text_input("Version", "1.0", key="add_version")
+        add_workers = a3.number_input("Workers", 1, 16, 1, key="add_workers")
+        add_quant = a4.selectbox("Quantization (snapshots)", quant_types(), key="add_quant")
+        add_ctx = a1.number_input("Context per chat (tokens)", 64, 1 << 20, packed_config["handler"]["n_ctx"],
+                                  key="add_ctx")
+        add_slots = a2.number_input("Slots (chats at once per worker)", 1, 64, packed_config["batchSize"],
+                                    key="add_slots")
+        add_gpu_layers = a3.number_input("GPU layers", 0, 1000, packed_config["handler"]["n_gpu_layers"],
+                                         key="add_gpu_layers", help="0 = CPU; needs a CUDA build of llama.cpp")
+        add = st.form_submit_button("Package and register")
+if "packaging_log" in st.session_state:
+    with st.expander("Packaging log of the last model added"):
+        st.code("\n".join(st.session_state["packaging_log"]) or "(empty)", language=None)
+
 unregister = set_default = False
 if models:
     labels = {f"{m.name} {m.version}": m for m in models}
@@ -60,6 +95,23 @@ if models:
     set_default = default_col.button("Set default", key="set_default")
 
 # ---- act
+if add:
+    request = PackagingRequest(typed.strip() or picked or "", add_name.strip(), add_version.strip(),
+                               int(add_ctx), int(add_slots), int(add_gpu_layers), add_quant)
+
+    def adding(step):
+        bar = st.progress(0.0, "Checking the file")
+        log_view = st.empty()
+        log = st.session_state["packaging_log"] = []
+
+        def on_line(line, done):
+            log.append(line)
+            log_view.code("\n".join(log[-30:]), language=None)
+            if done is not None:
+                bar.progress(done, line[:100])
+        return add_model(client, process.model_store, request, model_folders, int(add_workers),
+                         on_step=step, on_line=on_line)
+    run_action(f"Adding {request.name or 'a model'}", adding)
 if register:
     run_action(f"Registering {archive_file}", lambda step: register_archive(
         client, process.model_store, archive_file, wanted, on_step=step))

@@ -34,6 +34,10 @@ def test_help_explains_usage(tmp_path):
     (["--bogus"], "unknown option --bogus"),
     (["", "maybe"], "GENERATE must be true or false"),
     (["--name", "bad name"], "may only hold"),
+    (["--ctx", "lots"], "--ctx must be a whole number, got 'lots'"),
+    (["--ctx", "8"], "--ctx must be at least 64 tokens"),
+    (["--slots", "0"], "--slots must be at least 1"),
+    (["--gpu-layers", "-1"], "--gpu-layers must be a whole number"),
 ])
 def test_bad_arguments_give_a_clear_error(tmp_path, args, message):
     done = package(*args, store=tmp_path, check=False)
@@ -42,11 +46,23 @@ def test_bad_arguments_give_a_clear_error(tmp_path, args, message):
     assert not list(tmp_path.glob("*.mar"))
 
 
-def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+@pytest.mark.parametrize("data, reason", [
+    (b"PK\x03\x04 definitely not a gguf", "does not start with the magic"),
+    (b"GGUF\x03\x00\x00\x00\x01", "it is truncated"),   # the header check of chatstack.gguf_file
+])
+def test_a_file_that_is_not_gguf_is_refused(tmp_path, data, reason):
     fake = tmp_path / "model.gguf"
-    fake.write_bytes(b"PK\x03\x04 definitely not a gguf")
+    fake.write_bytes(data)
     done = package(fake, store=tmp_path, check=False)
-    assert done.returncode == 2 and "is not a GGUF file" in done.stderr
+    assert done.returncode == 2 and "is not a GGUF file" in done.stderr and reason in done.stderr
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_context_slots_and_gpu_layers_are_packed_into_the_config(tmp_path, default_gguf):
+    package(default_gguf, "--name", "tuned", "--ctx", "1024", "--slots", "4", "--gpu-layers", "7", store=tmp_path)
+    config = packed_config(tmp_path / "tuned.mar")
+    assert (config["handler"]["n_ctx"], config["batchSize"], config["handler"]["n_gpu_layers"]) == (1024, 4, 7)
+    assert config["handler"]["model_path"] == "model.gguf" and config["maxBatchDelay"] == 5
 
 
 def test_default_model_archive_is_self_contained(model_store, default_gguf):
