@@ -25,10 +25,11 @@ from chatstack.loadgen import (  # noqa: E402,F401
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="N concurrent streaming chat requests; prints TTFT and tokens/s.")
     p.add_argument("--url", help="full endpoint URL (overrides --base/--model/--route/--version)")
-    p.add_argument("--base", default="http://127.0.0.1:8080", help="TorchServe inference address")
+    p.add_argument("--base", default="http://127.0.0.1:8080",
+                   help="TorchServe inference address (the gateway's, e.g. http://127.0.0.1:8000, with --route gateway)")
     p.add_argument("--model", default="llama")
     p.add_argument("--version")
-    p.add_argument("--route", choices=["bare", "openai"], default="bare")
+    p.add_argument("--route", choices=["bare", "openai", "gateway"], default="bare")
     p.add_argument("--key", help="inference key")
     p.add_argument("--key-file", help="TorchServe's key_file.json (for the inference key)")
     p.add_argument("-c", "--concurrency", type=int, default=1)
@@ -42,9 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary and every request as JSON")
     a = p.parse_args(argv)
     key = a.key or (read_key(a.key_file) if a.key_file else None)
+    extra = json.loads(a.extra)
+    if a.route == "gateway":
+        extra.setdefault("model", a.model)   # the gateway picks the model from the body
     spec = LoadSpec(url=a.url or endpoint(a.base, a.model, a.route, a.version), concurrency=a.concurrency,
                     requests_per_stream=a.requests_per_stream, max_tokens=a.max_tokens, temperature=a.temperature,
-                    prompts=a.prompt or list(DEFAULT_PROMPTS), key=key, timeout=a.timeout, extra=json.loads(a.extra), seed=a.seed)
+                    prompts=a.prompt or list(DEFAULT_PROMPTS), key=key, timeout=a.timeout, extra=extra, seed=a.seed)
     results, wall = run_load(spec)
     summary = summarize(results, wall)
     if a.json:

@@ -7,6 +7,9 @@ Routes:
             the answer is newline-delimited chat.completion.chunk JSON.
 - "openai": POST {base}/predictions/{model}/{version}/v1/chat/completions; the
             answer is server-sent events (`data: {...}` ... `data: [DONE]`).
+- "gateway": POST {base}/v1/chat/completions on the OpenAI gateway's address
+            (chatstack/openai_gateway.py); the body's `model` (LoadSpec.extra) picks the
+            model, the only registered one without it; server-sent events as above.
 
 Each request reports its time to first token (first chunk carrying text), its
 token counts (usage in the final chunk), duration and error. `summarize()` turns
@@ -57,12 +60,14 @@ SAMPLINGS = {"greedy": GREEDY, "sampled": SAMPLED}
 
 
 def endpoint(base: str, model: str = "llama", route: str = "bare", version: str | None = None) -> str:
-    """The URL of the chat endpoint on a TorchServe inference address."""
+    """The URL of the chat endpoint on a TorchServe inference address (for "gateway": the gateway's)."""
     base = base.rstrip("/")
     if route == "openai":
         return f"{base}/predictions/{model}/{version or '1.0'}/v1/chat/completions"
+    if route == "gateway":
+        return f"{base}/v1/chat/completions"
     if route != "bare":
-        raise ValueError(f"route must be 'bare' or 'openai', got {route!r}")
+        raise ValueError(f"route must be 'bare', 'openai' or 'gateway', got {route!r}")
     return f"{base}/predictions/{model}" + (f"/{version}" if version else "")
 
 
