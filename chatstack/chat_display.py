@@ -18,11 +18,25 @@ def answer_caption(message: Message) -> str:
         parts.append(f"{message.usage.tokens_per_second:.1f} tokens/s")
     if message.model:
         parts.append(message.model)
-    if message.status == STOPPED:
-        parts.append("stopped")
-    elif message.status == FAILED:
-        parts.append("broke off")
+    parts += [ending] if (ending := answer_ending(message)) else []
     return " · ".join(parts)
+
+
+def answer_ending(message: Message) -> str | None:
+    """How an answer ended, when it did not simply finish: said plainly under it."""
+    if message.status == STOPPED:
+        return "stopped"
+    if message.status == FAILED:
+        return "broke off"
+    if message.cut_short:
+        return "cut short at the answer token limit"
+    return None
+
+
+def branch_label(message: Message) -> str | None:
+    """"2/3" for the second of three alternatives; None when there is only the one."""
+    position, count = message.branch
+    return f"{position}/{count}" if count > 1 else None
 
 
 def as_markdown(text: str) -> str:
@@ -31,6 +45,9 @@ def as_markdown(text: str) -> str:
     parts = re.split(r"(```.*?(?:```|$))", text, flags=re.S)
     return "".join(part if part.startswith("```") else re.sub(r"(?<!\n)\n(?!\n)", "  \n", part)
                    for part in parts)
+
+
+SUMMARISE_AT = 0.8  # share of the context in use from which "Summarise and continue" is offered
 
 
 @dataclass
@@ -42,6 +59,11 @@ class ContextUse:
     @property
     def fraction(self) -> float:
         return min(self.used / self.length, 1.0) if self.length else 0.0
+
+    @property
+    def nearly_full(self) -> bool:
+        """Past SUMMARISE_AT: the page offers to summarise the older turns."""
+        return self.fraction >= SUMMARISE_AT
 
     def label(self) -> str:
         return f"Context: {self.used:,} of {self.length:,} tokens ({self.fraction:.0%})"

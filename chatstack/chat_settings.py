@@ -21,6 +21,7 @@ class ChatSettings:
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
+    json_answer: bool = False  # ask for a JSON object (response_format json_object)
 
     @classmethod
     def from_saved(cls, saved: dict, models: list[str]) -> "ChatSettings":
@@ -35,6 +36,8 @@ class ChatSettings:
                     continue  # keep the default
                 low, high = LIMITS.get(name, (value, value))
                 setattr(settings, name, min(max(value, low), high))
+        if isinstance(saved.get("json_answer"), bool):
+            settings.json_answer = saved["json_answer"]
         if saved.get("model") in models:
             settings.model = saved["model"]
         return settings
@@ -43,7 +46,11 @@ class ChatSettings:
         return asdict(self)
 
     def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        """The request's fields besides the messages."""
+        fields = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.json_answer:
+            fields["response_format"] = {"type": "json_object"}
+        return fields
 
 
 SETTING_NAMES = tuple(ChatSettings().as_dict())
@@ -56,6 +63,16 @@ def request_messages(system_prompt: str, history: list[Message]) -> list[dict]:
     messages += [{"role": m.role, "content": m.content} for m in history
                  if not (m.role == "assistant" and m.status == FAILED)]
     return messages
+
+
+# Continue: the server has no "continue the last assistant message" mode, so the model is
+# asked in a user turn that is sent but never saved; its answer is added to the cut one.
+CONTINUE_PROMPT = "Continue your last answer exactly where it stopped, without repeating any of it."
+
+
+def continue_messages(system_prompt: str, history: list[Message]) -> list[dict]:
+    """What to send to continue the last answer of `history` (which ran into max_tokens)."""
+    return request_messages(system_prompt, history) + [{"role": "user", "content": CONTINUE_PROMPT}]
 
 
 def needs_answer(history: list[Message]) -> bool:

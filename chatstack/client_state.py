@@ -13,7 +13,11 @@ from chatstack.worker_failures import WorkerFailure
 @dataclass
 class ClientState:
     conversation_id: int | None = None   # the open conversation (also in the URL)
-    answer_pending: bool = False         # the next run streams an answer to the last message
+    user: str | None = None              # whose conversations these are
+    answer_pending: bool = False         # the next run streams an answer to the selected path's last message...
+    continue_id: int | None = None       # ...or continues this answer, which was cut short
+    deleted: tuple[int, str] | None = None  # the conversation just deleted (id, title), offered for undo
+    drawn: int = 0                       # elements the last run drew for the conversation (see chat page)
     running_answer: Answer | None = None  # an answer a run is streaming; a run started by a click waits for it
     health: Health | None = None         # checked before the first message and after a failed call...
     health_model: str | None = None      # ...for this model
@@ -24,6 +28,7 @@ class ClientState:
     def open(self, conversation_id: int | None) -> None:
         self.conversation_id = conversation_id
         self.answer_pending = False
+        self.continue_id = None
 
     def health_for(self, model: str) -> Health | None:
         """The last health check, if it was made for `model`."""

@@ -16,14 +16,24 @@ from chatstack.torchserve_client import TorchServeError
 from chatstack.usage import Usage
 
 
+# The server's own figures for one answer, kept in a message's `details` (with the model
+# version that answered and how the answer ended); absent ones are left out.
+TIMINGS = ("prompt_n", "cache_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms",
+           "predicted_per_second", "queue_ms", "ttft_ms")
+
+
 @dataclass
 class Reply:
     """An answer as it streams in, and what the server said about it at the end."""
 
     model: str
     text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)  # the server's figures, once the answer has finished
+    timings: dict = field(default_factory=dict)   # the server's timings, once the answer has finished
+    model_version: str | None = None
     error: str | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -43,25 +53,54 @@ class Reply:
         return (tokens - 1) / (end - self.first_token_at)
 
     def take(self, chunk: dict) -> str:
-        """Record one chat.completion.chunk; return its text."""
+        """Record one chat.completion.chunk; return its answer text (reasoning and tool calls
+        are kept apart)."""
         choice = (chunk.get("choices") or [{}])[0]
-        piece = (choice.get("delta") or {}).get("content") or ""
-        if piece:
+        delta = choice.get("delta") or {}
+        piece = delta.get("content") or ""
+        thought = delta.get("reasoning_content") or ""
+        if piece or thought or delta.get("tool_calls"):
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             self.pieces += 1
-            self.text += piece
+        self.text += piece
+        self.reasoning += thought
+        for fragment in delta.get("tool_calls") or []:
+            self._take_tool_call(fragment)
+        if chunk.get("model_version"):
+            self.model_version = str(chunk["model_version"])
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
             self.finished_at = time.monotonic()
             self.usage = Usage.from_chunk(chunk)
+            self.timings = {name: value for name, value in (chunk.get("timings") or {}).items()
+                            if name in TIMINGS and value is not None}
         return piece
+
+    def _take_tool_call(self, fragment: dict) -> None:
+        """Streamed tool calls come in fragments: the first of a call (by index) has its id and
+        name, the others add to its arguments."""
+        index = fragment.get("index", len(self.tool_calls))
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self.tool_calls[index]
+        call["id"] = fragment.get("id") or call["id"]
+        function = fragment.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
     def measured(self) -> Usage:
         """The usage to keep with the answer: the server's figures (or, for an answer that did
         not finish, the pieces counted here) and the speed measured here."""
         return replace(self.usage, completion_tokens=self.usage.completion_tokens or self.pieces,
                        tokens_per_second=self.tokens_per_second)
+
+    def details(self) -> dict | None:
+        """What a saved answer keeps of the server's account of it (contract: timings,
+        model_version, finish_reason), or None when there is nothing."""
+        details = {**self.timings, "model_version": self.model_version, "finish_reason": self.finish_reason}
+        details = {name: value for name, value in details.items() if value is not None}
+        return details or None
 
 
 def stream_reply(server: ServerSettings, settings: ChatSettings, messages: list[dict], reply: Reply,
@@ -101,15 +140,21 @@ class Answer:
     complete, stopped by the user (Streamlit interrupts the script to stop or
     rerun it), or failed.
 
-        with Answer(store, conversation_id, server, settings, messages) as answer:
+        with Answer(store, user, conversation_id, server, settings, messages, parent_id) as answer:
             st.write_stream(answer.stream)
+
+    It is saved as an answer to `parent_id` (the question it answers), or, given
+    `continues`, as more text of that answer (Continue after an answer was cut short).
     """
 
-    def __init__(self, store: ConversationStore, conversation_id: int, server: ServerSettings,
-                 settings: ChatSettings, messages: list[dict],
-                 on_wait: Callable[[Health, float], None] | None = None):
+    def __init__(self, store: ConversationStore, user: str, conversation_id: int, server: ServerSettings,
+                 settings: ChatSettings, messages: list[dict], parent_id: int | None = None,
+                 on_wait: Callable[[Health, float], None] | None = None, continues: Message | None = None):
         self.store = store
+        self.user = user
         self.conversation_id = conversation_id
+        self.parent_id = parent_id
+        self.continues = continues
         self.reply = Reply(model=settings.model)
         self.stream = stream_reply(server, settings, messages, self.reply, on_wait=on_wait)
         self.saved: Message | None = None
@@ -146,10 +191,17 @@ class Answer:
             status, reply.error = FAILED, f"{exc_type.__name__}: {exc}"
         else:
             status = STOPPED  # Stop button, a rerun, or the app shutting down
+        if self.continues is not None:
+            if reply.text or status != FAILED:
+                self.saved = self.store.extend_answer(self.user, self.continues.id, reply.text, status=status,
+                                                      usage=reply.measured(), details=reply.details())
+            return
         # A failure before any text leaves only the user's message: it shows a Retry.
-        if reply.text or status != FAILED:
-            self.saved = self.store.add_answer(self.conversation_id, reply.text, status=status, model=reply.model,
-                                               usage=reply.measured(), error=reply.error)
+        if reply.text or reply.reasoning or reply.tool_calls or status != FAILED:
+            self.saved = self.store.add_answer(
+                self.user, self.conversation_id, reply.text, status=status, model=reply.model,
+                usage=reply.measured(), error=reply.error, reasoning=reply.reasoning or None,
+                tool_calls=reply.tool_calls or None, details=reply.details(), parent_id=self.parent_id)
 
 
 def _is_script_control(exc_type: type) -> bool:

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from chatstack.chat_display import as_markdown
 from chatstack.chat_settings import ChatSettings, request_messages
-from chatstack.conversations import COMPLETE, STOPPED, ConversationStore
+from chatstack.conversations import COMPLETE, LOCAL_USER as U, STOPPED, ConversationStore
 from chatstack.process_stats import cpu_seconds
 from chatstack.reply_stream import Answer, Reply, stream_reply
 from chatstack.server_health import BAD_KEY, DOWN, LOADING, MISSING, READY, check_health
@@ -85,9 +85,9 @@ def test_a_message_gets_a_streamed_answer_that_is_saved(app_env, db_path):
     assert "tokens/s" in caption and "llama" in caption
 
     store = ConversationStore(db_path)
-    [conversation] = store.list()
+    [conversation] = store.list(U)
     assert conversation.title == "Name three colours."
-    user, saved_answer = store.messages(conversation.id)
+    user, saved_answer = store.messages(U, conversation.id)
     assert (user.role, user.content) == ("user", "Name three colours.")
     assert (saved_answer.role, saved_answer.status) == ("assistant", COMPLETE)
     assert as_markdown(saved_answer.content) == answer
@@ -102,7 +102,7 @@ def test_settings_reach_the_server_and_the_context_use_is_shown(app_env, db_path
     assert at.selectbox(key="model").options == ["llama"]  # from the management API
     send(at, "Count from one to twenty in words.")
 
-    [answer] = [m for m in ConversationStore(db_path).messages(1) if m.role == "assistant"]
+    [answer] = [m for m in ConversationStore(db_path).messages(U, 1) if m.role == "assistant"]
     assert answer.usage.completion_tokens == 5  # max_tokens was applied
     assert answer.usage.context_length == 2048
     assert at.chat_message[1].caption[0].value.startswith("5 tokens")
@@ -112,11 +112,11 @@ def test_settings_reach_the_server_and_the_context_use_is_shown(app_env, db_path
 
 def test_a_reopened_page_shows_the_conversation_from_the_url(app_env, db_path):
     store = ConversationStore(db_path)
-    older = store.create()
-    store.add_user_message(older.id, "the older chat")
-    chat_ = store.create()
-    store.add_user_message(chat_.id, "hello again")
-    store.add_answer(chat_.id, "Hello! Welcome back.", usage=Usage(completion_tokens=5, tokens_per_second=12.0))
+    older = store.create(U)
+    store.add_user_message(U, older.id, "the older chat")
+    chat_ = store.create(U)
+    store.add_user_message(U, chat_.id, "hello again")
+    store.add_answer(U, chat_.id, "Hello! Welcome back.", usage=Usage(completion_tokens=5, tokens_per_second=12.0))
 
     at = open_app(query={"conversation": str(chat_.id)})
     assert transcript(at) == [("user", "hello again"), ("assistant", "Hello! Welcome back.")]
@@ -130,27 +130,27 @@ def test_a_reopened_page_shows_the_conversation_from_the_url(app_env, db_path):
 
 def test_rename_and_delete_a_conversation(app_env, db_path):
     store = ConversationStore(db_path)
-    chat_ = store.create()
-    store.add_user_message(chat_.id, "first name")
+    chat_ = store.create(U)
+    store.add_user_message(U, chat_.id, "first name")
     at = open_app(query={"conversation": str(chat_.id)})
 
     at.sidebar.text_input(key=f"title-{chat_.id}").set_value("Renamed").run()
-    assert store.get(chat_.id).title == "Renamed"
+    assert store.get(U, chat_.id).title == "Renamed"
     assert "Renamed" in [b.label for b in at.sidebar.button]
 
     [delete] = [b for b in at.sidebar.button if b.label == "Delete conversation"]
     delete.click().run()
-    assert store.list() == [] and transcript(at) == []
+    assert store.list(U) == [] and transcript(at) == []
 
 
 def test_regenerate_replaces_the_last_answer(app_env, db_path):
     at = send(open_app(), "Say hi.")
     store = ConversationStore(db_path)
-    first_answer = store.messages(1)[-1]
+    first_answer = store.messages(U, 1)[-1]
 
     [regenerate] = [b for b in at.button if b.label == "Regenerate"]
     regenerate.click().run()
-    messages = store.messages(1)
+    messages = store.messages(U, 1)
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[-1].id > first_answer.id
     assert transcript(at)[-1] == ("assistant", as_markdown(messages[-1].content))
@@ -164,14 +164,14 @@ def test_server_down_keeps_the_message_and_the_answer_can_be_retried(app_env, db
     send(at, "Are you there?")
     assert "TorchServe is not running" in texts(at.error)
     assert transcript(at) == [("user", "Are you there?")]
-    assert [m.content for m in ConversationStore(db_path).messages(1)] == ["Are you there?"]
+    assert [m.content for m in ConversationStore(db_path).messages(U, 1)] == ["Are you there?"]
 
     # The server is back: Retry answers the message that was kept.
     app_env.setenv("TORCHSERVE_URL", torchserve.address("inference"))
     [retry] = [b for b in at.button if b.label == "Retry"]
     retry.click().run()
     assert not at.error, texts(at.error)
-    assert [m.role for m in ConversationStore(db_path).messages(1)] == ["user", "assistant"]
+    assert [m.role for m in ConversationStore(db_path).messages(U, 1)] == ["user", "assistant"]
 
 
 @pytest.mark.parametrize("key_is_right, model, says", [
@@ -195,10 +195,10 @@ def test_context_use_and_dropped_messages_are_shown(app_env, db_path):
     # The server reports, with each answer, how full the context was and how many
     # old messages its rolling window left out; the app shows the latest report.
     store = ConversationStore(db_path)
-    chat_ = store.create()
+    chat_ = store.create(U)
     for turn in range(3):
-        store.add_user_message(chat_.id, f"question {turn}")
-        store.add_answer(chat_.id, f"answer {turn}",
+        store.add_user_message(U, chat_.id, f"question {turn}")
+        store.add_answer(U, chat_.id, f"answer {turn}",
                          usage=Usage(total_tokens=1900 + turn, context_length=2048, messages_dropped=turn * 2))
     at = open_app(query={"conversation": str(chat_.id)})
     assert at.sidebar.get("progress")[0].proto.text == "Context: 1,902 of 2,048 tokens (93%)"
@@ -218,7 +218,7 @@ def test_the_app_finds_the_server_and_key_this_install_started(torchserve, db_pa
 
     send(at, "Say hello.")
     assert not at.error, texts(at.error)
-    assert [m.status for m in ConversationStore(db_path).messages(1)] == ["complete", "complete"]
+    assert [m.status for m in ConversationStore(db_path).messages(U, 1)] == ["complete", "complete"]
 
 
 def write_run_dir(run_dir: Path, inference: str, management: str, keys=("ik", "mk")) -> Path:
@@ -299,7 +299,7 @@ def test_a_worker_that_dies_mid_answer_is_explained_with_its_last_lines(crashing
     assert "Segmentation fault" in last_lines, last_lines
     # The question is kept for a retry, with what was written before the worker died.
     assert any(b.label == "Retry" for b in at.button)
-    saved = [(m.role, m.status) for m in ConversationStore(db_path).messages(1)]
+    saved = [(m.role, m.status) for m in ConversationStore(db_path).messages(U, 1)]
     assert saved in ([("user", "complete")], [("user", "complete"), ("assistant", "failed")])
 
 
@@ -315,19 +315,20 @@ def server_settings(torchserve) -> ServerSettings:
 
 def test_stopping_part_way_keeps_what_was_written(server_settings, tmp_path):
     store = ConversationStore(tmp_path / "chat.db")
-    conversation = store.create()
-    store.add_user_message(conversation.id, "Tell a long story about a dragon.")
+    conversation = store.create(U)
+    store.add_user_message(U, conversation.id, "Tell a long story about a dragon.")
     settings = ChatSettings(max_tokens=400, temperature=0.0)
-    messages = request_messages(settings.system_prompt, store.messages(conversation.id))
+    messages = request_messages(settings.system_prompt, store.messages(U, conversation.id))
 
     # Streamlit ends a script run by raising StopException at its next st.* call.
     with pytest.raises(StopException):
-        with Answer(store, conversation.id, server_settings, settings, messages) as answer:
+        with Answer(store, U, conversation.id, server_settings, settings, messages,
+                        parent_id=store.messages(U, conversation.id)[-1].id) as answer:
             for n, _ in enumerate(answer.stream):
                 if n == 5:
                     raise StopException()
     assert answer.wait_until_saved(timeout=0)
-    saved = store.messages(conversation.id)[-1]
+    saved = store.messages(U, conversation.id)[-1]
     assert saved.status == STOPPED and saved.content == answer.reply.text and saved.content
     assert saved.usage.completion_tokens == 6 and not answer.reply.finished
 
