@@ -2,9 +2,11 @@
 
   start   start TorchServe with config.properties, the way the admin console's Start
           does: with an empty model store it first builds the default model archive,
-          then registers the default model unless --no-model; returns once it is ready
-  stop    stop it
-  status  say whether it runs and list the registered models
+          then registers the default model unless --no-model; the OpenAI gateway
+          (one base URL for every model, openai_gateway_address, default
+          http://127.0.0.1:8000/v1) starts beside it; returns once it is ready
+  stop    stop both
+  status  say whether they run and list the registered models
   key     print the inference key clients need (from key_file.json);
           --management prints the management key instead
 
@@ -19,7 +21,8 @@ import os
 import sys
 
 from chatstack.model_archive import ArchiveError
-from chatstack.server_lifecycle import start_server
+from chatstack.gateway_process import GatewayProcess
+from chatstack.server_lifecycle import start_server, stop_server
 from chatstack.torchserve_client import TorchServeError
 from chatstack.torchserve_process import ROOT, TorchServeProcess
 
@@ -38,16 +41,20 @@ def main(argv=None) -> int:
     try:
         if args.command == "start":
             start_server(server, register_default=not args.no_model, on_step=print)
+            gateway = GatewayProcess(server)
             print(f"Inference {server.address('inference')}, management {server.address('management')}, "
-                  f"metrics {server.address('metrics')}; keys in {server.key_file}")
+                  f"metrics {server.address('metrics')}, OpenAI base URL {gateway.base_url}"
+                  f"{'' if gateway.is_running() else ' (not running)'}; keys in {server.key_file}")
         elif args.command == "stop":
-            print("stopped" if server.stop() else "TorchServe was not running")
+            print(stop_server(server))
         elif args.command == "status":
             if not server.is_running():
                 print("TorchServe is not running")
                 return 1
             client = server.client()
-            print(f"pid {server.pid()}, ping: {client.ping()}")
+            gateway = GatewayProcess(server)
+            print(f"pid {server.pid()}, ping: {client.ping()}; OpenAI gateway {gateway.base_url}: "
+                  + (f"running (pid {gateway.pid()})" if gateway.is_running() else "not running"))
             print(json.dumps(client.list_models(), indent=2))
         elif args.command == "key":
             keys = server.client().keys

@@ -1,0 +1,112 @@
+"""What does the OpenAI gateway cost? 8 streaming chats straight to TorchServe's OpenAI route
+(/predictions/llama/{version}/v1/chat/completions) against the same 8 through the gateway
+(/v1/chat/completions), taking turns in one run.
+
+    .venv/bin/python bench/bench_gateway.py [--streams 8] [--max-tokens 64] [--rounds 5]
+
+Packs the default model with the repo's model-config.yaml and starts TorchServe and the gateway
+the way `python -m chatstack start` does (chatstack.server_lifecycle.start_server), on free ports
+in a temporary run folder. Load from bench/loadgen.py: the same bodies on both routes (greedy,
+`ignore_eos`, so every answer is --max-tokens long and both decode the same tokens per step),
+2 requests per stream. Each round runs both routes, the order alternating between rounds so a
+drift in the machine's load favours neither; the table shows each route's median run and the median
+of the per-round ratios gateway / direct (the target: at least 0.97). The gateway's own CPU time
+per token is printed too: on a machine whose cores llama.cpp keeps busy, that is what it takes
+from the decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import GREEDY, LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from chatstack.gateway_process import ADDRESS_PROPERTY, GatewayProcess  # noqa: E402
+from chatstack.server_lifecycle import start_server, stop_server  # noqa: E402
+from chatstack.torchserve_process import TorchServeProcess, free_port, free_port_overrides  # noqa: E402
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    store = work / "store"
+    store.mkdir()
+    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)], check=True, capture_output=True)
+    overrides = {**free_port_overrides(), ADDRESS_PROPERTY: f"http://127.0.0.1:{free_port()}"}
+    server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=overrides)
+    load = os.getloadavg()[0]
+    runs: dict[str, list[dict]] = {"direct": [], "gateway": []}
+    gateway_cpu_s, gateway_tokens = 0.0, 0
+    try:
+        start_server(server, on_step=lambda step: print(step, flush=True))
+        gateway = GatewayProcess(server)
+        if not gateway.is_running():
+            raise SystemExit("the gateway did not start: " + " | ".join(gateway.log_tail(5)))
+        gateway_proc = psutil.Process(gateway.pid())
+        client = server.client(timeout=300)
+        version = client.describe_model("llama")[0]["modelVersion"]
+        key = client.keys.inference
+        urls = {"direct": endpoint(server.address("inference"), "llama", "openai", version),
+                "gateway": endpoint(gateway.address, "llama", "gateway")}
+
+        def spec(route: str, streams: int, max_tokens: int) -> LoadSpec:
+            return LoadSpec(url=urls[route], key=key, concurrency=streams, requests_per_stream=2,
+                            max_tokens=max_tokens, timeout=300, extra={**GREEDY, "ignore_eos": True, "model": "llama"})
+
+        for route in urls:   # warm-up: both routes answer, the gateway has its connections
+            warm = summarize(*run_load(spec(route, 2, 8)))
+            if warm["errors"]:
+                raise SystemExit(f"{route} does not answer: {warm['first_errors']}")
+        for n in range(args.rounds):
+            for route in (("direct", "gateway") if n % 2 == 0 else ("gateway", "direct")):
+                cpu_before = sum(gateway_proc.cpu_times()[:2])
+                runs[route].append(summarize(*run_load(spec(route, args.streams, args.max_tokens))))
+                if route == "gateway":
+                    gateway_cpu_s += sum(gateway_proc.cpu_times()[:2]) - cpu_before
+                    gateway_tokens += runs[route][-1]["completion_tokens"]
+                s = runs[route][-1]
+                print(f"round {n + 1} {route}: {s['tokens_per_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_s'] or 0:.2f} s, "
+                      f"errors {s['errors']} {s['first_errors']}", flush=True)
+    finally:
+        stop_server(server)
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [g["tokens_per_s"] / d["tokens_per_s"] for d, g in zip(runs["direct"], runs["gateway"])]
+    median = {route: sorted(r, key=lambda s: s["tokens_per_s"])[len(r) // 2] for route, r in runs.items()}
+    print(f"\n{datetime.date.today().isoformat()}, commit {commit()}, {os.cpu_count()} cores (1-minute load average "
+          f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), default model, {args.streams} streaming "
+          f"chats x 2 requests, {args.max_tokens} tokens each (greedy, ignore_eos); median of {args.rounds} rounds, "
+          "the routes taking turns.\n")
+    print("| route | tok/s | TTFT p50 / p95 (s) | errors |\n|---|---:|---:|---:|")
+    for route, label in (("direct", "TorchServe /predictions/llama/VERSION/v1"), ("gateway", "gateway /v1")):
+        s = median[route]
+        print(f"| {label} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s'] or 0:.2f} / {s['ttft_p95_s'] or 0:.2f} | "
+              f"{s['errors']} |")
+    print(f"\ngateway / direct: {statistics.median(ratios):.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)}); "
+          f"the gateway's CPU time: {1000 * gateway_cpu_s / max(gateway_tokens, 1):.3f} ms per token "
+          f"({gateway_cpu_s:.2f} s for {gateway_tokens} tokens)")
+    return 0 if all(s["errors"] == 0 for r in runs.values() for s in r) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
