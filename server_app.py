@@ -6,9 +6,10 @@ so it never shows a state the server does not have; the work itself lives in cha
 
 import streamlit as st
 
-from console_pages.shared import console_process, show_outcome
+from console_pages.shared import console_process, require_sign_in, show_outcome
 
 st.set_page_config(page_title="TorchServe admin console", page_icon="🛠️", layout="wide")
+require_sign_in()   # nothing below is drawn for a visitor who has not signed in, when one must
 
 navigation = st.navigation([
     st.Page("console_pages/server.py", title="Server", icon=":material/dns:", default=True),

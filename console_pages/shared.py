@@ -3,10 +3,13 @@ action runs and reports its outcome."""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable
 
 import streamlit as st
 
+from chatstack.console_auth import PASSWORD_ENV, SignIn, password_matches, sign_in_method
 from chatstack.console_config import ConsoleConfig
 from chatstack.model_archive import ArchiveError
 from chatstack.model_registry import ModelVersion, registered_models
@@ -26,6 +29,46 @@ def console_process() -> TorchServeProcess:
     """The TorchServe this console runs, as the environment places it (ConsoleConfig)."""
     config = ConsoleConfig.from_env()
     return _process(str(config.config), str(config.model_store), str(config.run_dir), config.overrides)
+
+
+def require_sign_in() -> None:
+    """Stop the run here unless the console listens on loopback only or the visitor signed in
+    (chatstack.console_auth says how); server_app.py calls it before any page is drawn."""
+    method = sign_in_method(st.get_option("server.address"), os.environ, _oidc_configured())
+    if method is SignIn.NOT_NEEDED:
+        return
+    if method is SignIn.OIDC:
+        if not getattr(st.user, "is_logged_in", False):   # absent until st.login has run
+            st.title("TorchServe admin console")
+            st.button("Log in", on_click=st.login, key="login")
+            st.stop()
+        st.sidebar.button("Log out", on_click=st.logout, key="logout")
+        return
+    if method is SignIn.UNCONFIGURED:
+        st.error(f"This console listens on {st.get_option('server.address') or 'every interface'}, beyond this "
+                 f"machine, and no sign-in is set up: set {PASSWORD_ENV} in its environment, or [auth] in "
+                 ".streamlit/secrets.toml for st.login, or bind it to 127.0.0.1.")
+        st.stop()
+    if st.session_state.get("signed_in"):
+        st.sidebar.button("Sign out", on_click=lambda: st.session_state.pop("signed_in", None), key="sign_out")
+        return
+    st.title("TorchServe admin console")
+    with st.form("sign_in_form"):
+        password = st.text_input("Password", type="password", key="sign_in_password")
+        if st.form_submit_button("Sign in"):
+            if password_matches(password, os.environ.get(PASSWORD_ENV, "")):
+                st.session_state["signed_in"] = True
+                st.rerun()
+            time.sleep(1)   # slows guessing
+            st.error("Wrong password.")
+    st.stop()
+
+
+def _oidc_configured() -> bool:
+    try:
+        return "auth" in st.secrets
+    except (FileNotFoundError, KeyError, ValueError):   # no secrets.toml: no st.login
+        return False
 
 
 def read_models(process: TorchServeProcess, client: TorchServeClient) -> tuple[list[ModelVersion], str | None]:

@@ -15,6 +15,7 @@ import yaml
 from streamlit.testing.v1 import AppTest
 
 from chatstack import metric_names
+from chatstack.console_auth import PASSWORD_ENV, SignIn, is_loopback, password_matches, sign_in_method
 from chatstack.console_config import ConsoleConfig
 from chatstack.console_display import format_duration, mask_key
 from chatstack.metrics_history import MetricsHistory, MetricsSnapshot
@@ -284,3 +285,71 @@ def test_durations_read_like_uptimes():
     assert format_duration(None) == "–"
     assert format_duration(42) == "42s"
     assert format_duration(3 * 3600 + 5 * 60 + 1) == "3h 5m 1s"
+
+
+# ---- sign-in when the console listens beyond this machine ----------------------------------------
+
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1", True), ("127.0.1.1", True), ("::1", True),
+                                               ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
+                                               ("", False), (None, False), ("10.1.2.3", False),
+                                               ("console.example.com", False)])
+def test_only_loopback_addresses_count_as_this_machine(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_the_way_to_sign_in_follows_the_address_and_the_configuration():
+    password = {PASSWORD_ENV: "s3cret"}
+    assert sign_in_method("127.0.0.1", password, oidc_configured=True) is SignIn.NOT_NEEDED
+    assert sign_in_method("0.0.0.0", password, oidc_configured=True) is SignIn.OIDC
+    assert sign_in_method("0.0.0.0", password, oidc_configured=False) is SignIn.PASSWORD
+    assert sign_in_method("0.0.0.0", {PASSWORD_ENV: ""}, oidc_configured=False) is SignIn.UNCONFIGURED
+    assert password_matches("s3cret", "s3cret") and not password_matches("s3cre", "s3cret")
+    assert not password_matches("", "")   # an empty password never signs anyone in
+
+
+@pytest.fixture
+def exposed(monkeypatch, tmp_path):
+    """The console bound to every interface (as `streamlit run --server.address 0.0.0.0`), with a
+    stopped server of its own."""
+    from streamlit import config
+    before = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    monkeypatch.setenv("CHATSTACK_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    yield monkeypatch
+    config.set_option("server.address", before)
+
+
+def test_an_exposed_console_without_a_sign_in_shows_nothing_but_how_to_set_one(exposed):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert texts(at.error) == ["This console listens on 0.0.0.0, beyond this machine, and no sign-in is set up: set "
+                               f"{PASSWORD_ENV} in its environment, or [auth] in .streamlit/secrets.toml for "
+                               "st.login, or bind it to 127.0.0.1."]
+    assert not at.metric and not at.button and not at.sidebar.markdown
+
+
+def test_an_exposed_console_asks_for_the_password_before_any_page(exposed):
+    exposed.setenv(PASSWORD_ENV, "s3cret")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.metric and [b.label for b in at.button] == ["Sign in"]
+    at.switch_page("console_pages/security.py").run()   # a page's address does not get past it
+    assert not at.text_input(key="sign_in_password").value and not at.toggle
+    at.text_input(key="sign_in_password").input("guess")
+    at.button[0].click().run()
+    assert texts(at.error) == ["Wrong password."] and not at.metric
+    at.text_input(key="sign_in_password").input("s3cret")
+    at.button[0].click().run()
+    assert not at.error and not at.exception
+    assert "No keys: TorchServe is stopped (it writes new keys at each start)." in texts(at.info)
+    assert any(b.label == "Sign out" for b in at.sidebar.button)
+
+
+def test_an_exposed_console_with_st_login_configured_offers_log_in(exposed):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.secrets["auth"] = {"redirect_uri": "http://console.example.com/oauth2callback", "cookie_secret": "x",
+                          "client_id": "id", "client_secret": "secret",
+                          "server_metadata_url": "https://id.example.com/.well-known/openid-configuration"}
+    at.run()
+    assert [b.label for b in at.button] == ["Log in"] and not at.metric and not at.exception
