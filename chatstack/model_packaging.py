@@ -21,12 +21,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from chatstack.gguf_file import GgufError, GgufInfo, read_gguf
 from chatstack.model_archive import ArchiveError, list_archives, read_archive
 from chatstack.model_registry import register_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_LLAMA = ROOT / "package_llama.sh"
+MODEL_CONFIG = ROOT / "model-config.yaml"   # what package_llama.sh packs
 PACKAGING_TIMEOUT_S = 3600   # a multi-GB conversion and quantization on a small machine
 
 # What package_llama.sh says as it goes, and how far along that is (its last line is "Wrote ...").
@@ -39,6 +42,11 @@ LogLine = Callable[[str, float | None], None]   # a line of the log, and the fra
 
 class PackagingError(ArchiveError):
     """A model could not be packaged or was refused; the message says why."""
+
+
+def packed_config() -> dict:
+    """The model-config.yaml package_llama.sh packs (the defaults the console's form starts from)."""
+    return yaml.safe_load(MODEL_CONFIG.read_text())
 
 
 def quant_types() -> list[str]:
@@ -121,6 +129,11 @@ def check_request(request: PackagingRequest, folders, store: Path,
         raise PackagingError("name: give the new model a name")
     if not request.version:
         raise PackagingError("version: give the new model a version, such as 1.0")
+    max_tokens = packed_config()["handler"]["max_tokens"]
+    if request.n_ctx is not None and request.n_ctx <= max_tokens:
+        # the handler refuses to load such a model, so the worker would fail at registration
+        raise PackagingError(f"context per chat: {request.n_ctx} tokens leaves no room for a prompt; it must be "
+                             f"above max_tokens ({max_tokens}), the answer length in model-config.yaml")
     if request.name in taken_names(store, registered):
         raise PackagingError(f"name: a model called {request.name!r} already exists (registered, or an archive "
                              f"in the model store); choose another name")

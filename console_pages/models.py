@@ -3,21 +3,19 @@ set the default version; add a model from a GGUF file or a Hugging Face snapshot
 
 import pandas as pd
 import streamlit as st
-import yaml
 
 from chatstack.console_config import ConsoleConfig
 from chatstack.console_display import archive_rows, model_rows
 from chatstack.model_archive import DEFAULT_ARCHIVE, ModelSettings, list_archives
-from chatstack.model_packaging import PackagingRequest, add_model, model_sources, quant_types
+from chatstack.model_packaging import PackagingRequest, add_model, model_sources, packed_config, quant_types
 from chatstack.model_registry import register_archive
-from chatstack.torchserve_process import ROOT
 from console_pages.shared import console_process, read_models, run_action
 
 # ---- state
 process = console_process()
 client = process.client(timeout=30)
 model_folders = ConsoleConfig.from_env().model_folders
-packed_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())   # what package_llama.sh packs
+defaults = packed_config()
 
 # ---- read
 archives = list_archives(process.model_store)
@@ -75,11 +73,11 @@ else:
         add_version = a2.text_input("Version", "1.0", key="add_version")
         add_workers = a3.number_input("Workers", 1, 16, 1, key="add_workers")
         add_quant = a4.selectbox("Quantization (snapshots)", quant_types(), key="add_quant")
-        add_ctx = a1.number_input("Context per chat (tokens)", 64, 1 << 20, packed_config["handler"]["n_ctx"],
+        add_ctx = a1.number_input("Context per chat (tokens)", 64, 1 << 20, defaults["handler"]["n_ctx"],
                                   key="add_ctx")
-        add_slots = a2.number_input("Slots (chats at once per worker)", 1, 64, packed_config["batchSize"],
+        add_slots = a2.number_input("Slots (chats at once per worker)", 1, 64, defaults["batchSize"],
                                     key="add_slots")
-        add_gpu_layers = a3.number_input("GPU layers", 0, 1000, packed_config["handler"]["n_gpu_layers"],
+        add_gpu_layers = a3.number_input("GPU layers", 0, 1000, defaults["handler"]["n_gpu_layers"],
                                          key="add_gpu_layers", help="0 = CPU; needs a CUDA build of llama.cpp")
         add = st.form_submit_button("Package and register")
 if "packaging_log" in st.session_state:

@@ -66,13 +66,14 @@ def test_a_path_outside_the_folders_or_missing_is_refused(folder, path, message)
     ("smol.gguf", "stored", [], "name: a model called 'stored' already exists"),
     ("smol.gguf", "", [], "name: give the new model a name"),
     ("snap/config.json", "new", [], "not a GGUF"),
+    ("smol.gguf", "small-context", [], r"context per chat: 512 tokens leaves no room .* above max_tokens \(512\)"),
 ])
 def test_bad_requests_are_refused_before_packaging(folder, default_gguf, tmp_path, source, name, registered,
                                                    message):
     store = tmp_path / "store"
     store.mkdir()
     (store / "stored.mar").write_bytes(b"")
-    request = PackagingRequest(folder / source, name)
+    request = PackagingRequest(folder / source, name, n_ctx=512 if name == "small-context" else 1024)
     with pytest.raises(PackagingError, match=message):
         check_request(request, [folder, default_gguf.parent], store, registered)
     assert [p.name for p in store.iterdir()] == ["stored.mar"]
@@ -109,7 +110,7 @@ def test_a_failure_of_the_script_comes_back_with_its_reason(tmp_path):
 def test_a_new_model_is_packaged_registered_and_answers(torchserve, model_store, default_gguf):
     client = torchserve.client(timeout=300)
     steps, lines = [], []
-    request = PackagingRequest(default_gguf, "added", n_ctx=512, slots=2)
+    request = PackagingRequest(default_gguf, "added", n_ctx=1024, slots=2)
     try:
         status = add_model(client, model_store, request, [default_gguf.parent], workers=1, on_step=steps.append,
                            on_line=lambda line, done: lines.append(done))
@@ -122,5 +123,6 @@ def test_a_new_model_is_packaged_registered_and_answers(torchserve, model_store,
         with pytest.raises(PackagingError, match="'added' already exists"):
             add_model(client, model_store, request, [default_gguf.parent])
     finally:
-        client.unregister("added")
+        if any(m["modelName"] == "added" for m in client.list_models()):
+            client.unregister("added")
         (model_store / "added.mar").unlink(missing_ok=True)
