@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from chatstack.gateway_process import ADDRESS_PROPERTY, GatewayProcess
+from chatstack.metric_names import REQUESTS_FINISHED
 from chatstack.model_archive import ModelSettings
 from chatstack.model_registry import swap_settings
 from chatstack.openai_gateway import GatewayError, pick_model, requested_model
@@ -140,6 +141,24 @@ def test_streamed_chat_passes_through_chunk_by_chunk(client):
     assert arrivals[-1] - arrivals[0] > 0.3 * (arrivals[-1] - sent), "the stream came through in one piece"
 
 
+def test_a_client_that_hangs_up_stops_its_generation(stack, gateway, key):
+    def cancelled() -> float:
+        return sum(v for name, labels, v in stack.client().metric_samples()
+                   if name == REQUESTS_FINISHED and labels.get("Reason") == "cancelled")
+
+    before = cancelled()
+    resp = requests.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "llama", "messages": HI, "max_tokens": 1500, "ignore_eos": True,
+                               "stream": True}, stream=True, timeout=300)
+    lines = resp.iter_lines()
+    assert [next(lines) for _ in range(6)]
+    resp.close()
+    deadline = time.monotonic() + 60   # 1500 tokens would take far longer than this
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cancelled() == before + 1
+
+
 def test_plain_completions_route_passes_through(gateway, key):
     resp = requests.post(f"{gateway.base_url}/completions", headers={"Authorization": f"Bearer {key}"},
                          json={"model": "llama", "prompt": "The capital of France is", "max_tokens": 4}, timeout=300)
@@ -245,7 +264,7 @@ def test_a_version_swap_never_shows_the_client_a_404(stack, client, key):
 
 def test_stop_server_stops_the_gateway_too(stack, gateway):
     pid = gateway.pid()
-    assert stop_server(stack) == "TorchServe and the OpenAI gateway stopped"
+    assert stop_server(stack) == "TorchServe stopped"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert gateway.pid() is None
     assert server_status(stack).gateway == "not running"
