@@ -101,3 +101,11 @@ def declared_metrics(path: Path = METRICS_YAML) -> MetricNames:
         handler_counters=tuple(n for n in names("model_metrics", "counter") if n.startswith(HANDLER_PREFIX)),
         handler_gauges=tuple(n for n in names("model_metrics", "gauge") if n.startswith(HANDLER_PREFIX)),
         torchserve_counters=names("ts_metrics", "counter"), torchserve_gauges=names("ts_metrics", "gauge"))
+
+
+@lru_cache
+def declared_units(path: Path = METRICS_YAML) -> dict[str, str]:
+    """Each declared metric's unit as metrics.yaml gives it (Count, ms, Milliseconds, Percent …)."""
+    config = yaml.safe_load(Path(path).read_text())
+    return {m["name"]: m.get("unit", "") for section in ("ts_metrics", "model_metrics")
+            for kind in (config.get(section) or {}).values() for m in kind or []}

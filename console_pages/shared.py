@@ -11,6 +11,7 @@ import streamlit as st
 
 from chatstack.console_auth import PASSWORD_ENV, SignIn, password_matches, sign_in_method
 from chatstack.console_config import ConsoleConfig
+from chatstack.metrics_history import MetricsHistory, MetricsSampler, snapshot
 from chatstack.model_archive import ArchiveError
 from chatstack.model_registry import ModelVersion, registered_models
 from chatstack.torchserve_client import TorchServeClient, TorchServeError
@@ -29,6 +30,20 @@ def console_process() -> TorchServeProcess:
     """The TorchServe this console runs, as the environment places it (ConsoleConfig)."""
     config = ConsoleConfig.from_env()
     return _process(str(config.config), str(config.model_store), str(config.run_dir), config.overrides)
+
+
+@st.cache_resource
+def _sampler(config: str, store: str, run_dir: str, overrides: tuple) -> MetricsSampler:
+    # One reader per server for the console's lifetime: the charts show the server's history,
+    # the same for every session, not what one browser happened to see.
+    process = _process(config, store, run_dir, overrides)
+    return MetricsSampler(lambda: snapshot(process.client(timeout=5)) if process.is_running() else None).start()
+
+
+def metrics_history() -> MetricsHistory:
+    """The console's history of the server's metrics (MetricsSampler, every 5 s)."""
+    config = ConsoleConfig.from_env()
+    return _sampler(str(config.config), str(config.model_store), str(config.run_dir), config.overrides).history
 
 
 def require_sign_in() -> None:
