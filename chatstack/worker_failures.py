@@ -32,7 +32,7 @@ TAIL_BYTES = 2_000_000   # how much of the end of each log is read
 FATAL_SIGNALS = {"Segmentation fault": signal.SIGSEGV, "Aborted": signal.SIGABRT, "Bus error": signal.SIGBUS,
                  "Floating point exception": signal.SIGFPE, "Illegal instruction": signal.SIGILL}
 
-LINE = re.compile(r"^(?P<when>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}) \[\s*\w+\s*\] (?P<thread>\S+) (?P<logger>\S+) - "
+LINE = re.compile(r"^(?P<when>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}) \[\s*(?P<level>\w+)\s*\] (?P<thread>\S+) (?P<logger>\S+) - "
                   r"(?P<text>.*)$")
 WORKER_THREAD = re.compile(r"^W-(?P<port>\d+)-(?P<model>.+)_(?P<version>[^_]+?)(?:-(?:stdout|stderr))?$")
 SERVER_START = "Initialize Inference server with"
