@@ -21,7 +21,7 @@ import os
 import sqlite3
 import time
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -386,15 +386,7 @@ class ConversationStore:
                     "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
                     (message.parent_id, message.conversation_id)).fetchone():
                 raise KeyError(f"no message {message.parent_id} in conversation {message.conversation_id}")
-            columns = {"conversation_id": message.conversation_id, "role": message.role, "content": message.content,
-                       "status": message.status, "model": message.model, **asdict(message.usage),
-                       "error": message.error, "created_at": message.created_at, "parent_id": message.parent_id,
-                       "reasoning": message.reasoning,
-                       "tool_calls": json.dumps(message.tool_calls) if message.tool_calls else None,
-                       "details": json.dumps(message.details) if message.details else None}
-            cur = db.execute(f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                             list(columns.values()))
-            message.id = cur.lastrowid
+            message.id = _insert_message(db, message)
             db.execute("UPDATE conversations SET updated_at = ?, leaf_id = ? WHERE id = ?",
                        (message.created_at, message.id, message.conversation_id))
             if message.role == "user":
@@ -471,3 +463,42 @@ class ConversationStore:
             db.executemany("INSERT INTO user_settings (user_id, name, value) VALUES (?, ?, ?) "
                            "ON CONFLICT (user_id, name) DO UPDATE SET value = excluded.value",
                            [(user, name, json.dumps(value)) for name, value in settings.items()])
+
+    # ---- import (chatstack/conversation_transfer.py) -----------------------------------
+
+    def insert_conversations(self, user: str, conversations: list[tuple[Conversation, list[Message]]]
+                             ) -> list[Conversation]:
+        """Add whole conversations (e.g. imported) for the user in one transaction: all of them or,
+        on any error, none. Each conversation's messages come parents first; their ids, parent
+        ids and the conversation's leaf_id are the caller's own numbering, replaced by the
+        database's. Titles, times, pinning and every message's fields are kept as given."""
+        added = []
+        with self._connect() as db:
+            for conversation, messages in conversations:
+                conversation_id = db.execute(
+                    "INSERT INTO conversations (title, created_at, updated_at, user_id, pinned) VALUES (?, ?, ?, ?, ?)",
+                    (conversation.title, conversation.created_at, conversation.updated_at, user,
+                     int(conversation.pinned))).lastrowid
+                new_ids: dict[int, int] = {}
+                for message in messages:
+                    parent_id = None if message.parent_id is None else new_ids[message.parent_id]
+                    new_ids[message.id] = _insert_message(db, replace(message, conversation_id=conversation_id,
+                                                                      parent_id=parent_id))
+                leaf_id = None if conversation.leaf_id is None else new_ids[conversation.leaf_id]
+                db.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf_id, conversation_id))
+                added.append(replace(conversation, id=conversation_id, user_id=user, deleted_at=None,
+                                     leaf_id=leaf_id))
+        return added
+
+
+def _insert_message(db: sqlite3.Connection, message: Message) -> int:
+    """Write a message's row as given (its id aside); returns the new id."""
+    columns = {"conversation_id": message.conversation_id, "role": message.role, "content": message.content,
+               "status": message.status, "model": message.model, **asdict(message.usage),
+               "error": message.error, "created_at": message.created_at, "parent_id": message.parent_id,
+               "reasoning": message.reasoning,
+               "tool_calls": json.dumps(message.tool_calls) if message.tool_calls else None,
+               "details": json.dumps(message.details) if message.details else None}
+    cur = db.execute(f"INSERT INTO messages ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     list(columns.values()))
+    return cur.lastrowid
