@@ -24,3 +24,27 @@ def cpu_seconds(pid: int) -> float | None:
     except psutil.Error:
         return None
     return times.user + times.system
+
+
+class CpuMeter:
+    """CPU use of local processes between two readings, in percent of one core (200 = two cores busy).
+
+    psutil measures from the previous call on the same Process object, so the meter keeps
+    them: the first reading of a process has nothing to compare with and gives None."""
+
+    def __init__(self):
+        self._processes: dict[int, psutil.Process] = {}
+
+    def percent(self, pid: int | None) -> float | None:
+        if not pid or pid < 0:
+            return None
+        try:
+            process = self._processes.get(pid)
+            if process is None:
+                self._processes[pid] = psutil.Process(pid)
+                self._processes[pid].cpu_percent(None)
+                return None
+            return process.cpu_percent(None)
+        except psutil.Error:
+            self._processes.pop(pid, None)
+            return None

@@ -1,16 +1,26 @@
-"""Status: every worker with its pid and memory, each version's job queue, and why the
-last worker that died did so; refreshed every few seconds."""
+"""Status: how full each worker is (the capacity view: slots by state, tokens in context,
+requests waiting, memory and CPU), each version's job queue, and why the last worker that
+died did so; refreshed every few seconds (15 s by default, so an open page stays cheap)."""
 
 from datetime import datetime
 
 import pandas as pd
 import streamlit as st
 
-from chatstack.console_display import QUEUE_COLUMNS, WORKER_COLUMNS, queue_rows, worker_rows
-from chatstack.metrics_history import slots_by_worker
+from chatstack.capacity import worker_loads
+from chatstack.console_display import (CAPACITY_COLUMNS, QUEUE_COLUMNS, SLOT_COLUMNS, capacity_rows, queue_rows,
+                                       slot_rows)
+from chatstack.process_stats import CpuMeter
 from chatstack.torchserve_client import TorchServeError
 from chatstack.worker_failures import last_worker_failure
 from console_pages.shared import console_process, read_models
+
+
+@st.cache_resource
+def cpu_meter() -> CpuMeter:
+    # One per console process: CPU use is measured between two refreshes of any session.
+    return CpuMeter()
+
 
 # ---- state
 process = console_process()
@@ -24,9 +34,10 @@ def live_status():
     running = process.is_running()
     failure = last_worker_failure(process.log_dir)
     try:
-        slots = slots_by_worker(process.client(timeout=5).metric_samples()) if running else {}
+        samples = process.client(timeout=5).metric_samples() if running else []
     except TorchServeError:
-        slots = {}   # the table still shows the workers; only their slots are unknown
+        samples = []   # the table still shows the workers; only their slots are unknown
+    loads = worker_loads(models, samples, cpu_meter())
 
     # ---- draw
     if not_listed:
@@ -36,10 +47,14 @@ def live_status():
     if not running:
         st.info("TorchServe is stopped.")
     else:
-        rows = worker_rows(models, slots)
-        st.markdown(f"**Workers** — {sum(r['status'] == 'READY' for r in rows)} READY of {len(rows)}")
-        st.dataframe(pd.DataFrame(rows, columns=WORKER_COLUMNS), hide_index=True)
-        st.markdown("**Job queue**")
+        ready = sum(w.status == "READY" for w in loads)
+        st.markdown(f"**Workers** — {ready} READY of {len(loads)}")
+        st.dataframe(pd.DataFrame(capacity_rows(loads), columns=CAPACITY_COLUMNS), hide_index=True)
+        slots = slot_rows(loads)
+        if slots:
+            st.markdown("**Slots** — each worker answers this many chats at once (its batch size)")
+            st.dataframe(pd.DataFrame(slots, columns=SLOT_COLUMNS), hide_index=True)
+        st.markdown("**Job queue** — requests TorchServe holds for each version's workers")
         st.dataframe(pd.DataFrame(queue_rows(models), columns=QUEUE_COLUMNS), hide_index=True)
     if failure:
         st.markdown("**Last worker failure**")

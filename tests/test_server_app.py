@@ -101,7 +101,7 @@ def test_status_page_lists_each_worker_with_pid_and_memory(console):
     at = open_app("status")
     workers = next(df.value for df in at.dataframe if "worker" in df.value.columns)
     assert workers["status"].tolist() == ["READY"]
-    assert workers["pid"].iloc[0] > 0 and workers["memory MB"].iloc[0] > 0
+    assert int(workers["pid"].iloc[0]) > 0 and float(workers["memory MB"].iloc[0].replace(",", "")) > 0
     queue = next(df.value for df in at.dataframe if "pending requests" in df.value.columns)
     assert queue["pending requests"].tolist() == [0]
 
