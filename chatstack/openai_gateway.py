@@ -290,8 +290,16 @@ class Gateway:
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():   # whatever has arrived, at once
-            await response.write(chunk)
+        try:
+            async for chunk in upstream.content.iter_any():   # whatever has arrived, at once
+                await response.write(chunk)
+        except ClientError as e:
+            # TorchServe went away mid-answer; the status is sent, so the stream says it, as the
+            # handler's own errors do in a stream (an event with an error object).
+            logger.warning("%s %s: the answer broke off (%s)", name, version, type(e).__name__)
+            error = {"error": {"message": f"TorchServe broke off the answer ({type(e).__name__})",
+                               "type": "server_error", "param": None, "code": 502}}
+            await response.write(f"data: {json.dumps(error)}\n\n".encode())
         await response.write_eof()
         return response
 
