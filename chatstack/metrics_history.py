@@ -185,6 +185,7 @@ class MetricsSampler:
         self.read, self.interval_s = read, interval_s
         self.history = MetricsHistory()
         self.last_error: str | None = None
+        self.first_sample = threading.Event()   # set once the first read is over (whatever it gave)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="metrics-sampler")
 
@@ -208,6 +209,7 @@ class MetricsSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.sample()
+            self.first_sample.set()
             self._stop.wait(self.interval_s)
 
 

@@ -43,7 +43,9 @@ def _sampler(config: str, store: str, run_dir: str, overrides: tuple) -> Metrics
 def metrics_history() -> MetricsHistory:
     """The console's history of the server's metrics (MetricsSampler, every 5 s)."""
     config = ConsoleConfig.from_env()
-    return _sampler(str(config.config), str(config.model_store), str(config.run_dir), config.overrides).history
+    sampler = _sampler(str(config.config), str(config.model_store), str(config.run_dir), config.overrides)
+    sampler.first_sample.wait(timeout=5)   # a page opened as the console starts shows figures at once
+    return sampler.history
 
 
 def require_sign_in() -> None:
