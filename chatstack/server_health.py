@@ -64,17 +64,31 @@ def check_health(server: ServerSettings, model: str) -> Health:
         if status != "Healthy":
             return Health(LOADING, f"TorchServe says it is {status}: workers are still starting.",
                           worker_failure(server, model))
-        # A chat without messages is refused by the model's handler (400) before
-        # anything is generated; reaching the handler proves key, model and a ready worker.
-        client.chat(model, [], timeout=client.timeout)
+        # Not a chat: a refused one would count as a failed request (Requests4XX) on the
+        # server's metrics at every check. The predictions endpoint's description proves key
+        # and model; the management API (when its key is here) says whether a worker is ready.
+        client.describe_predictions(model)
+        if _ready_workers(client, model) == 0:
+            return Health(LOADING, f"The model \"{model}\" has no worker ready yet: it is still loading "
+                                   "(or was scaled to zero workers)." + _worker_summary(client, model),
+                          worker_failure(server, model))
     except TorchServeError as error:
-        if error.status == 400 and not is_token_refused(error):
-            return Health(READY, f"The model \"{model}\" is ready.")
         health = explain(error, server, model)
         if health.state == LOADING:
             health.message += _worker_summary(client, model)
         return health
     return Health(READY, f"The model \"{model}\" is ready.")
+
+
+def _ready_workers(client: TorchServeClient, model: str) -> int | None:
+    """READY workers of the model's default version; None when the management API is out of reach."""
+    if not client.keys.management:
+        return None
+    try:
+        entries = client.describe_model(model)
+    except TorchServeError:
+        return None
+    return sum(w.get("status") == "READY" for entry in entries for w in entry.get("workers", []))
 
 
 def _worker_summary(client: TorchServeClient, model: str) -> str:

@@ -151,6 +151,14 @@ class TorchServeClient:
         authorization on, TorchServe 0.12 wants the inference key even here."""
         return self._infer("GET", "/ping").json().get("status", "unknown")
 
+    def describe_predictions(self, model: str, version: str | None = None) -> dict:
+        """The OpenAPI description of a model's predictions endpoint (OPTIONS /predictions/{model}).
+
+        A cheap check that the inference key is accepted and the model registered: TorchServe
+        answers it in the frontend, so it reaches no worker and counts as no inference request
+        (a chat without messages would, as a 400 in Requests4XX)."""
+        return self._infer("OPTIONS", self._prediction_path(model, version)).json()
+
     def server_version(self) -> str:
         """TorchServe's version, as its management API describes itself."""
         return self._mgmt("GET", "/api-description").json().get("info", {}).get("version", "unknown")
