@@ -4,6 +4,8 @@ without messages, which the handler refused: a 4XX at every check)."""
 
 from __future__ import annotations
 
+import time
+
 from chatstack.server_health import LOADING, MISSING, READY, check_health
 from chatstack.server_settings import ServerSettings
 
@@ -26,6 +28,9 @@ def test_health_checks_are_not_counted_as_failed_requests(torchserve, client):
     for _ in range(5):
         assert check_health(server, "llama").state == READY
     assert check_health(server, "nope").state == MISSING   # a 404 the operator should see: one
+    deadline = time.monotonic() + 10   # the frontend's metrics may lag the answers a moment
+    while failed_requests(client) - before < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert failed_requests(client) - before == 1
 
 
