@@ -148,31 +148,38 @@ class MetricsHistory:
             rows.append(row)
         return rows
 
-    def quantiles(self, histogram: Histogram, window_s: float, qs: tuple[float, ...] = (0.5, 0.95),
-                  at: int = -1, snaps: list[MetricsSnapshot] | None = None) -> dict[float, float | None]:
-        """Percentiles of the requests that finished in the `window_s` seconds before snapshot `at`
-        (bucket counts then minus bucket counts at the window's start), {q: value or None}."""
-        snaps = self._copy() if snaps is None else snaps
+    def quantiles(self, histogram: Histogram, window_s: float,
+                  qs: tuple[float, ...] = (0.5, 0.95)) -> dict[float, float | None]:
+        """Percentiles of the requests that finished in the last `window_s` seconds, {q: value or None}."""
+        snaps = self._copy()
         if not snaps:
             return {q: None for q in qs}
-        end = snaps[at]
-        start = next((s for s in snaps if s.at >= end.at - window_s and s is not end), None)
-        now, then = end.buckets.get(histogram.name, {}), (start.buckets.get(histogram.name, {}) if start else {})
-        window = {bound: count - then.get(bound, 0.0) for bound, count in now.items()}
-        return {q: histogram_quantile(q, window) for q in qs}
+        start = next((s for s in snaps if s.at >= snaps[-1].at - window_s), snaps[-1])
+        return _window_quantiles(histogram, start, snaps[-1], qs)
 
     def quantile_rows(self, histogram: Histogram, window_s: float, since_s: float | None = None) -> list[dict]:
         """p50 and p95 over the `window_s` before each snapshot (of the last `since_s` seconds):
         rows {time, series ('p50', 'p95'), value} for a chart; points without requests are left out."""
         snaps = self._copy()
-        rows = []
-        for i, snap in enumerate(snaps):
+        rows, first = [], 0
+        for snap in snaps:
+            while snaps[first].at < snap.at - window_s:   # the window's start only moves forward
+                first += 1
             if since_s is not None and snap.at < snaps[-1].at - since_s:
                 continue
-            for q, value in self.quantiles(histogram, window_s, at=i, snaps=snaps).items():
+            for q, value in _window_quantiles(histogram, snaps[first], snap).items():
                 if value is not None:
                     rows.append({"time": snap.at, "series": f"p{round(q * 100)}", "value": value})
         return rows
+
+
+def _window_quantiles(histogram: Histogram, start: MetricsSnapshot, end: MetricsSnapshot,
+                      qs: tuple[float, ...] = (0.5, 0.95)) -> dict[float, float | None]:
+    """Percentiles of the requests counted between two snapshots (the bucket counts' difference).
+    The earliest snapshot is the baseline: what finished before it is in no window."""
+    now, then = end.buckets.get(histogram.name, {}), start.buckets.get(histogram.name, {})
+    window = {bound: count - then.get(bound, 0.0) for bound, count in now.items()} if start is not end else {}
+    return {q: histogram_quantile(q, window) for q in qs}
 
 
 class MetricsSampler:

@@ -44,9 +44,11 @@ def test_percentiles_count_only_the_requests_of_the_window():
     assert last_minute[0.5] == pytest.approx(100 + 900 * 0.5) and last_minute[0.95] > 900
     # The earliest sample is the baseline: what finished before the console sampled is not in any window.
     assert history.quantiles(TTFT, window_s=3600) == last_minute
-    assert history.quantiles(TTFT, window_s=20, at=1)[0.5] is None   # nothing finished in 1270..1290
+    rows = history.quantile_rows(TTFT, window_s=20)
+    assert [r["time"] for r in rows] == [1300.0, 1300.0]   # nothing finished in 1270..1290: no point there
     rows = history.quantile_rows(TTFT, window_s=60)
     assert {r["series"] for r in rows} == {"p50", "p95"} and rows[-1]["time"] == 1300.0
+    assert [r["value"] for r in rows if r["series"] == "p50"] == [last_minute[0.5]]
 
 
 def test_no_requests_yet_gives_no_percentiles_rather_than_zero():
