@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 
+from answer_timings import AnswerTimings, answer_timings
 from api_errors import ApiError, GenerationFailed, api_error
 from chat_protocol import ChatCompletionRequest
 from llama_engine import FINISH_STOP, RequestHandle, TokenLogprob, Update
@@ -92,7 +93,7 @@ class Exchange:
     the engine requests it answers (one per choice: `handles`, to cancel them)."""
 
     def __init__(self, handles: list[RequestHandle], request, route, model_name, messages_dropped, n_ctx,
-                 opens_reasoning: bool = False):
+                 opens_reasoning: bool = False, model_version: str | None = None):
         self.handles = handles
         self.started_at = time.monotonic()
         self.is_chat = isinstance(request, ChatCompletionRequest)
@@ -107,6 +108,8 @@ class Exchange:
         self.model_name = model_name
         self.id = new_id("chatcmpl" if self.is_chat else "cmpl")
         self.extra = {"context": {"messages_dropped": messages_dropped, "context_length": n_ctx}}
+        if model_version is not None:
+            self.extra["model_version"] = model_version   # the TorchServe version that answered
         self.failed = False
         self.status = 200   # HTTP status: an error after the request started sets its own
 
@@ -145,7 +148,7 @@ class Exchange:
                 frames.append(self._chunk(choice, {}, choice.finish_reason))
         if self.finished:
             frames[-1]["usage"] = self._usage()
-            frames[-1].update(self.extra)
+            frames[-1].update(self._final_fields())
         out = "".join(self._frame(f) for f in frames)
         return out + (sse("[DONE]") if self.finished and self.sse else "")
 
@@ -158,6 +161,17 @@ class Exchange:
             return error.to_json()
         return self._frame(error.to_dict()) + (sse("[DONE]") if self.sse else "")
 
+    def timings(self) -> AnswerTimings | None:
+        """The server's figures for the answer, once every choice finished (None before, or after an error)."""
+        if self.failed or not self.finished or any(c.last is None for c in self.choices):
+            return None
+        return answer_timings([c.last for c in self.choices])
+
+    def _final_fields(self) -> dict:
+        """What the answer's last chunk, or the whole answer, carries beside choices and usage."""
+        timings = self.timings()
+        return {**self.extra, **({"timings": timings.to_json()} if timings else {})}
+
     def _usage(self) -> dict:
         first = self.choices[0].last
         return usage(first.prompt_tokens, sum(c.last.completion_tokens for c in self.choices if c.last),
@@ -167,10 +181,10 @@ class Exchange:
         if self.is_chat:
             choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
                         "logprobs": chat_logprobs(c.logprobs)} for c in self.choices]
-            return chat_completion(self.id, self.model_name, choices, self._usage(), self.extra)
+            return chat_completion(self.id, self.model_name, choices, self._usage(), self._final_fields())
         choices = [{"index": c.index, "text": "".join(c.content), "finish_reason": c.finish_reason,
                     "logprobs": completion_logprobs(c.logprobs)} for c in self.choices]
-        return text_completion(self.id, self.model_name, choices, self._usage(), self.extra)
+        return text_completion(self.id, self.model_name, choices, self._usage(), self._final_fields())
 
     def _chunk(self, choice: Choice, delta: dict, finish_reason: str | None = None) -> dict:
         entries = delta.pop("logprobs", None)

@@ -109,6 +109,7 @@ class GenerationRequest:
     ignore_eos: bool = False         # end-of-generation tokens do not end the request
     logprobs: int | None = None      # report each token's logprob and this many alternatives (None: no logprobs)
     fork_of: str | None = None       # another request with the same prompt: copy its prompt's KV instead of reading it
+    arrived_at: float | None = None  # time.monotonic() when the request reached the caller (None: when submitted)
 
 
 @dataclass
@@ -119,6 +120,16 @@ class TokenLogprob:
     token: bytes
     logprob: float
     top: list[tuple[bytes, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RequestTimes:
+    """When a request passed each point of its life, as time.monotonic() values."""
+
+    arrived_at: float                # GenerationRequest.arrived_at, else when it was submitted
+    started_at: float | None         # its slot began reading its prompt (None: it never got a slot)
+    first_token_at: float | None     # its first token was sampled (None: it had none)
+    finished_at: float
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Update:
     tokens_per_second: float | None = None
     first_token: bool = False        # this update holds the request's first generated token
     logprobs: list[TokenLogprob] = field(default_factory=list)   # of the tokens generated since the last update
+    times: RequestTimes | None = None    # on the update that finishes the request
 
     def merge(self, later: "Update") -> "Update":
         later.text = self.text + later.text
@@ -147,12 +159,26 @@ class Update:
         return later
 
 
+@dataclass(frozen=True)
+class SlotStats:
+    """One slot at the end of the last step."""
+
+    state: "SlotState"
+    context_tokens: int              # tokens whose KV it holds (an idle slot keeps them for the next prompt)
+    prompt_tokens_reused: int        # prompt tokens its current (or last) request took from that KV
+
+
 @dataclass
 class EngineStats:
-    """Monotonic counters and gauges, read by metrics exporters."""
+    """Monotonic counters and gauges, read by metrics exporters. The gauges are those of
+    the end of the last step."""
 
     slots_total: int = 0
     slots_active: int = 0
+    slots_reading_prompt: int = 0
+    slots_generating: int = 0
+    requests_waiting: int = 0        # submitted, waiting for a free slot
+    slots: list[SlotStats] = field(default_factory=list)
     tokens_prefilled: int = 0
     tokens_reused: int = 0
     tokens_generated: int = 0
@@ -223,6 +249,8 @@ class _Active:
         self.id = request_id
         self.request = request
         self.submitted_at = time.monotonic()
+        self.arrived_at = request.arrived_at if request.arrived_at is not None else self.submitted_at
+        self.started_at: float | None = None       # a slot took it
         self.first_token_at: float | None = None
         self.pending_prompt: list[int] = []
         self.n_cached = 0
@@ -252,6 +280,7 @@ class _Slot:
         self.state = SlotState.IDLE
         self.active: _Active | None = None   # the request it serves, unless IDLE
         self.cached: list[int] = []          # tokens whose KV entries sit at positions 0..n-1
+        self.reused = 0                      # prompt tokens its current (or last) request took from `cached`
 
 
 def make_sampler(p: SamplingParams, n_vocab: int, vocab=None):
@@ -364,6 +393,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self.stats = EngineStats(slots_total=config.n_slots)
+        self._publish_gauges()
         self.metadata = self.model.metadata()
 
     # ---- text <-> tokens -------------------------------------------------
@@ -499,7 +529,8 @@ class Engine:
                 reuse -= reuse % self.aligned_chunk
             llama_cpp.llama_memory_seq_rm(self.memory, best.seq_id, reuse, -1)
             del best.cached[reuse:]
-            best.state, best.active = SlotState.READING_PROMPT, active
+            best.state, best.active, best.reused = SlotState.READING_PROMPT, active, reuse
+            active.started_at = time.monotonic()
             active.n_cached = reuse
             active.pending_prompt = prompt[reuse:]
             self.stats.tokens_reused += reuse
@@ -526,7 +557,8 @@ class Engine:
         llama_cpp.llama_memory_seq_cp(self.memory, leader.seq_id, slot.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
         slot.cached = leader.cached[:keep]
-        slot.state, slot.active = SlotState.READING_PROMPT, active
+        slot.state, slot.active, slot.reused = SlotState.READING_PROMPT, active, keep
+        active.started_at = time.monotonic()
         active.n_cached = keep
         active.pending_prompt = active.request.prompt_tokens[keep:]
         self.stats.tokens_reused += keep
@@ -640,7 +672,7 @@ class Engine:
         ttft = None
         tps = None
         if active.first_token_at is not None:
-            ttft = active.first_token_at - active.submitted_at
+            ttft = active.first_token_at - active.arrived_at
             elapsed = time.monotonic() - active.first_token_at
             if active.n_generated > 1 and elapsed > 0:
                 tps = (active.n_generated - 1) / elapsed
@@ -677,7 +709,8 @@ class Engine:
         active.close()
         self.by_id.pop(active.id, None)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
-        upd = self._update(active, text, finished=True, finish_reason=reason, error=error)
+        times = RequestTimes(active.arrived_at, active.started_at, active.first_token_at, time.monotonic())
+        upd = self._update(active, text, finished=True, finish_reason=reason, error=error, times=times)
         updates[active.id] = updates[active.id].merge(upd) if active.id in updates else upd
 
     def _forget_cache(self, slot: _Slot):
@@ -685,7 +718,12 @@ class Engine:
         slot.cached = []
 
     def _publish_gauges(self):
-        self.stats.slots_active = sum(1 for s in self.slots if s.state is not SlotState.IDLE)
+        stats = self.stats
+        stats.slots = [SlotStats(s.state, len(s.cached), s.reused) for s in self.slots]
+        stats.slots_reading_prompt = sum(1 for s in self.slots if s.state is SlotState.READING_PROMPT)
+        stats.slots_generating = sum(1 for s in self.slots if s.state is SlotState.GENERATING)
+        stats.slots_active = stats.slots_reading_prompt + stats.slots_generating
+        stats.requests_waiting = len(self.waiting)
 
     def close(self):
         for active in list(self.by_id.values()):

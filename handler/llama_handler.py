@@ -51,6 +51,7 @@ class LlamaHandler:
         self.settings = settings = load_settings(model_config)
         props = context.system_properties
         self.model_name = context.manifest.get("model", {}).get("modelName", "llama")
+        self.model_version = context.manifest.get("model", {}).get("modelVersion")   # returned with each answer
         model_path = os.path.join(props["model_dir"], settings.model_path)   # an absolute model_path stays as it is
         config = engine_config(settings, batch_size=int(props.get("batch_size") or 1),
                                n_workers=workers_sharing_cpus(model_config), gpu_id=props.get("gpu_id"))
@@ -140,6 +141,7 @@ class LlamaHandler:
     def _open(self, idx, rid, request_data, context) -> str | None:
         """Validate and submit one request. Returns the complete response when
         it is answered at once (an error, or /v1/models), else None."""
+        arrived_at = time.monotonic()   # the answer's timings count from here (answer_timings.py)
         try:
             route = self._route(context.get_request_header(idx, "url_path"))
             if route == "models":
@@ -150,6 +152,7 @@ class LlamaHandler:
                 raise ApiError("request body is empty; send a JSON object with `messages` or `prompt`")
             request = parse_request(body, route)
             generation = request.to_generation_request(self.settings)
+            generation.arrived_at = arrived_at
             self._check_token_ids(generation.sampling.logit_bias)
             generation.prompt_tokens, dropped, thinking = self._fit_prompt(request, generation.max_tokens)
             handles = self._submit_choices(rid, generation, request.n or 1)
@@ -160,7 +163,7 @@ class LlamaHandler:
             _set_headers(context, idx, "application/json", error.status)
             return error.to_json()
         self.exchanges[rid] = Exchange(handles, request, route, self.model_name, dropped, self.engine.n_ctx_seq,
-                                       opens_reasoning=thinking)
+                                       opens_reasoning=thinking, model_version=self.model_version)
         return None
 
     def _fit_prompt(self, request: ChatCompletionRequest | CompletionRequest,
@@ -216,6 +219,9 @@ class LlamaHandler:
             if upd.finished:
                 self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
                 self.finished_since_report = True
+        # The slot gauges move while an answer streams; in dynamic batching one handler call lasts
+        # the whole batch, so report from here (at most once a second), not only when the call ends.
+        self.reporter.report(self.engine.stats)
         return updates
 
     def _advance(self, rid, updates: dict[str, Update], context, idx) -> tuple[str, bool]:
@@ -229,6 +235,7 @@ class LlamaHandler:
         done = ex.finished
         if done:
             del self.exchanges[rid]
+            self.reporter.observe_answer(ex.timings())
         _set_headers(context, idx, ex.content_type, ex.status)
         return output, done
 

@@ -1,14 +1,21 @@
-"""Publish the engine's counters through TorchServe's metrics API.
+"""Publish the engine's counters, gauges and per-request histograms through TorchServe's metrics API.
 
 The metric names are declared in metrics.yaml (TorchServe only exports declared
 metrics); the names below are the handler's, and tests/test_metrics.py checks that
-metrics.yaml declares exactly these. Counters are sent as deltas since the last
-report, at most once a second, because every report is a log line the frontend
-must parse.
+metrics.yaml declares exactly these. Reports go out at most once a second (and when a
+request finished), and each holds only what changed: counters as deltas since the last
+report, gauges whose value moved, because every value is a log line the frontend must parse.
+
+Histograms are Prometheus histogram series written as counters (`<name>_bucket` with an
+`le` label, cumulative, then `<name>_sum` and `<name>_count`): TorchServe 0.12's own
+histogram type (frontend PrometheusHistogram) builds the Java client's histogram with its
+fixed default buckets, 0.005 to 10, which fit neither milliseconds nor tokens per second,
+and metrics.yaml has no way to give others.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -70,6 +77,28 @@ _COUNTED_STATS = {
 REPORT_INTERVAL_S = 1.0
 
 
+class BucketHistogram:
+    """Observations counted into cumulative buckets (upper bounds, +Inf last), with their sum and count."""
+
+    def __init__(self, bounds):
+        self.bounds = (*bounds, math.inf)
+        self.cumulative = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.cumulative[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+def le_label(bound: float) -> str:
+    """A bucket's `le` label as Prometheus writes it."""
+    return "+Inf" if math.isinf(bound) else format(float(bound), "g")
+
+
 class MetricsReporter:
     def __init__(self, metrics, model_name: str):
         self.metrics = metrics
@@ -78,12 +107,25 @@ class MetricsReporter:
         self.sent: dict[str, float] = {}
         self.last_ttft_ms: float | None = None
         self.last_tps: float | None = None
+        self.histograms = {name: BucketHistogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
 
     def observe_finished(self, time_to_first_token_s: float | None, tokens_per_second: float | None):
         if time_to_first_token_s is not None:
             self.last_ttft_ms = time_to_first_token_s * 1000.0
         if tokens_per_second is not None:
             self.last_tps = tokens_per_second
+
+    def observe_answer(self, timings) -> None:
+        """Count a finished answer's figures (answer_timings.AnswerTimings, or None when it failed)
+        into the histograms."""
+        if timings is None:
+            return
+        for name, value in ((REQUEST_TIME_TO_FIRST_TOKEN_MS, timings.ttft_ms),
+                            (REQUEST_QUEUE_WAIT_MS, timings.queue_ms),
+                            (REQUEST_LATENCY_MS, timings.latency_ms),
+                            (REQUEST_TOKENS_PER_SECOND, timings.predicted_per_second)):
+            if value is not None:
+                self.histograms[name].observe(value)
 
     def report(self, stats: EngineStats, force: bool = False) -> None:
         now = time.monotonic()
@@ -97,17 +139,22 @@ class MetricsReporter:
             return [Dimension("ModelName", self.model_name), Dimension("Level", "Model"),
                     *(Dimension(k, v) for k, v in extra.items())]
 
-        def counter(name, total, **extra):
+        def counter(name, total, unit="Count", **extra):
+            # The first report sends zeros too, so every series (each histogram bucket) exists from the start.
             key = name + repr(sorted(extra.items()))
             delta = total - self.sent.get(key, 0)
-            if delta > 0:
-                self.metrics.add_metric(name, delta, "Count", None, dims(**extra), MetricTypes.COUNTER)
+            if delta > 0 or key not in self.sent:
+                self.metrics.add_metric(name, delta, unit, None, dims(**extra), MetricTypes.COUNTER)
                 self.sent[key] = total
 
-        def gauge(name, value, unit="Count"):
+        def gauge(name, value, unit="Count", **extra):
             # Per worker: with several workers a gauge without it would show whichever reported last.
-            if value is not None:
-                self.metrics.add_metric(name, value, unit, None, dims(WorkerPid=str(os.getpid())), MetricTypes.GAUGE)
+            # TorchServe keeps a gauge's last value, so an unchanged one is not sent again.
+            extra = {"WorkerPid": str(os.getpid()), **extra}
+            key = name + repr(sorted(extra.items()))
+            if value is not None and self.sent.get(key) != value:
+                self.metrics.add_metric(name, value, unit, None, dims(**extra), MetricTypes.GAUGE)
+                self.sent[key] = value
 
         for name, attr in _COUNTED_STATS.items():
             counter(name, getattr(stats, attr))
@@ -117,3 +164,16 @@ class MetricsReporter:
         gauge(SLOTS_FREE, stats.slots_free)
         gauge(TIME_TO_FIRST_TOKEN_MS, self.last_ttft_ms, "ms")
         gauge(TOKENS_PER_SECOND, self.last_tps)
+        gauge(REQUESTS_WAITING, stats.requests_waiting)
+        gauge(SLOTS_READING_PROMPT, stats.slots_reading_prompt)
+        gauge(SLOTS_GENERATING, stats.slots_generating)
+        for index, slot in enumerate(stats.slots):
+            gauge(SLOT_STATE, SLOT_STATE_VALUES[slot.state], Slot=str(index))
+            gauge(SLOT_CONTEXT_TOKENS, slot.context_tokens, Slot=str(index))
+            gauge(SLOT_PROMPT_TOKENS_REUSED, slot.prompt_tokens_reused, Slot=str(index))
+        for name, histogram in self.histograms.items():
+            unit = "Count" if name == REQUEST_TOKENS_PER_SECOND else "ms"
+            for bound, total in zip(histogram.bounds, histogram.cumulative):
+                counter(name + "_bucket", total, unit, le=le_label(bound))
+            counter(name + "_sum", histogram.sum, unit)
+            counter(name + "_count", histogram.count)

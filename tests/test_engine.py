@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -183,6 +185,40 @@ def test_a_slot_reads_the_prompt_then_generates_then_is_idle(engine, prompter):
         states.append(engine.slots[0].state)
     assert states[0] == SlotState.READING_PROMPT     # a prompt longer than one prefill chunk
     assert states[-3:] == [SlotState.GENERATING, SlotState.GENERATING, SlotState.IDLE]
+
+
+def test_stats_show_each_slot_and_the_waiting_requests_as_they_move(default_gguf, prompter):
+    """Two slots, three requests: one waits; each slot's state and context as the steps go."""
+    small = Engine(str(default_gguf), config(n_slots=2, n_ctx=512))
+    try:
+        assert [s.state for s in small.stats.slots] == [SlotState.IDLE] * 2
+        for i in range(3):
+            small.submit(f"r{i}", GenerationRequest(chat_tokens(prompter, f"Say hi {i}."), 4, GREEDY))
+        seen = []
+        while small.is_busy():
+            finals = {rid: u for rid, u in small.step().items() if u.finished}
+            stats = small.stats
+            seen.append((stats.requests_waiting, stats.slots_reading_prompt, stats.slots_generating))
+            assert stats.slots_active == sum(s.state is not SlotState.IDLE for s in stats.slots)
+            assert [s.context_tokens for s in stats.slots] == [len(s.cached) for s in small.slots]
+            for rid, upd in finals.items():
+                times = upd.times
+                assert times.arrived_at <= times.started_at <= times.first_token_at <= times.finished_at, rid
+        assert seen[0] == (1, 0, 2)        # both slots read a short prompt whole and generate at once
+        assert seen[-1] == (0, 0, 0) and all(s.state is SlotState.IDLE for s in small.stats.slots)
+        # an idle slot keeps its prompt and all of its answer but the last token, never decoded
+        assert sorted(s.context_tokens for s in small.stats.slots)[0] > 4
+    finally:
+        small.close()
+
+
+def test_a_request_that_never_got_a_slot_has_no_start_time(engine, prompter):
+    arrived = time.monotonic() - 1.0
+    handle = engine.submit("late", GenerationRequest(chat_tokens(prompter, "Hi."), 4, GREEDY, arrived_at=arrived))
+    handle.cancel()
+    update = engine.step()["late"]
+    assert update.finish_reason == FINISH_CANCELLED
+    assert update.times.arrived_at == arrived and update.times.started_at is None and update.times.first_token_at is None
 
 
 def test_cancelled_request_frees_its_slot_at_the_next_step(engine, prompter):

@@ -20,7 +20,7 @@ import llama_handler
 from api_errors import ApiError, GenerationFailed, RequestTimedOut, api_error
 from chat_prompt import ContextOverflow, TemplateRefused
 from llama_engine import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, EngineStats, PromptTooLong,
-                          RequestHandle, Update)
+                          RequestHandle, RequestTimes, Update)
 from llama_settings import HandlerSettings, SettingsError, engine_config, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,9 @@ HI = [{"role": "user", "content": "Hi"}]
 
 
 class FakeEngine:
-    """Stands in for llama_engine.Engine: a token per character, a word per step."""
+    """Stands in for llama_engine.Engine: a token per character, a word per step. Its clock:
+    a slot takes a request 10 ms after it arrived, the first token comes 20 ms later, each
+    further step 30 ms later."""
 
     metadata: dict = {}          # no chat template: the handler falls back to ChatML
     n_vocab = 1000
@@ -70,9 +72,11 @@ class FakeEngine:
                 updates[rid] = Update(rid, finished=True, finish_reason=FINISH_ERROR, error="llama_decode failed")
             else:
                 done = n >= request.max_tokens
+                arrived = request.arrived_at
+                times = RequestTimes(arrived, arrived + 0.010, arrived + 0.030, arrived + 0.030 + 0.030 * (n - 1))
                 updates[rid] = Update(rid, text=f"w{n} ", finished=done, finish_reason=FINISH_LENGTH if done else None,
                                       prompt_tokens=len(request.prompt_tokens), completion_tokens=n,
-                                      first_token=n == 1)
+                                      first_token=n == 1, times=times if done else None)
             if updates[rid].finished:
                 del self.live[rid]
         return updates
@@ -90,8 +94,8 @@ class TorchServe:
         self.sent: list[tuple[dict, dict]] = []    # intermediate responses: ({idx: output}, {idx: id})
         self.handler = llama_handler.LlamaHandler(
             make_engine=FakeEngine, send_intermediate=lambda out, ids, msg, code, ctx: self.sent.append((out, ids)))
-        self.context = Context("llama", str(tmp_path), {"model": {"modelName": "llama"}}, 4, None, "0.12.0",
-                               model_yaml_config=config)
+        self.context = Context("llama", str(tmp_path), {"model": {"modelName": "llama", "modelVersion": "2.0"}},
+                               4, None, "0.12.0", model_yaml_config=config)
         self.handler.initialize(self.context)
         self.engine: FakeEngine = self.handler.engine
 
@@ -287,6 +291,62 @@ def test_dynamic_batch_times_out_each_request_with_its_own_error(classic):
     assert out["p"]["status"] == 504 and json.loads(out["p"]["output"])["error"]["type"] == "timeout"
     assert chunks(classic.sent[-1][0][0])[-1]["error"]["type"] == "timeout"
     assert out["bad"]["status"] == 400
+
+
+# ---- the server's figures with each answer --------------------------------------------------
+
+TIMING_KEYS = {"prompt_n", "cache_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms",
+               "predicted_per_second", "queue_ms", "ttft_ms"}
+
+
+def last_frame(output: str) -> dict:
+    """The last JSON object of a response: NDJSON lines, server-sent events, or one object."""
+    lines = [line.removeprefix("data: ") for line in output.splitlines() if line.strip()]
+    return json.loads([line for line in lines if line != "[DONE]"][-1])
+
+
+def assert_figures(answer: dict, prompt_n: int, predicted_n: int, steps: int):
+    assert answer["model_version"] == "2.0"
+    timings = answer["timings"]
+    assert timings.keys() == TIMING_KEYS
+    # the fake engine's clock: 10 ms in the queue, 20 ms reading the prompt, 30 ms a step
+    assert (timings["queue_ms"], timings["ttft_ms"], timings["prompt_ms"]) == pytest.approx((10, 30, 20))
+    assert (timings["prompt_n"], timings["cache_n"], timings["predicted_n"]) == (prompt_n, 0, predicted_n)
+    assert timings["predicted_ms"] == pytest.approx(30 * (steps - 1))
+    assert timings["prompt_per_second"] == pytest.approx(prompt_n / 0.020, rel=1e-3)
+    assert timings["predicted_per_second"] == pytest.approx(predicted_n / (0.030 * (steps - 1)), rel=1e-3)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+@pytest.mark.parametrize("path", ["", "v1/chat/completions", "v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_last_chunk_or_the_whole_answer_carries_timings_and_model_version(tmp_path, continuous, path, stream):
+    ts = TorchServe(tmp_path, model_config(continuous=continuous))
+    body = {"prompt": "Hi"} if path == "v1/completions" else {"messages": HI}
+    outputs = [ts.call({"a": {**body, "stream": stream}}, path)["a"]]
+    while continuous and not outputs[-1]["last"]:
+        outputs.append(ts.call({"a": None}, path)["a"])
+    text = "".join(o["output"] for o in outputs) + "".join(pieces[0] for pieces, _ in ts.sent)
+    answer = last_frame(text)
+    assert answer["usage"]["completion_tokens"] == 3
+    assert_figures(answer, answer["usage"]["prompt_tokens"], 3, steps=3)
+    # only the last chunk of a stream carries them
+    frames = [json.loads(line.removeprefix("data: ")) for line in text.splitlines()
+              if line.strip() and line != "data: [DONE]"]
+    assert [("timings" in f, "model_version" in f) for f in frames] == [(False, False)] * (len(frames) - 1) + [(True, True)]
+
+
+def test_n_choices_count_every_choices_tokens_in_their_timings(server):
+    out = server.call({"a": {"messages": HI, "n": 2, "max_tokens": 2}})["a"]
+    while not out["last"]:
+        out = server.call({"a": None})["a"]
+    answer = json.loads(out["output"])
+    assert_figures(answer, answer["usage"]["prompt_tokens"], 4, steps=2)
+
+
+def test_an_answer_that_failed_has_no_timings(server):
+    out = server.call({"a": {"messages": [{"role": "user", "content": "[fail]"}]}})["a"]
+    assert "timings" not in json.loads(out["output"])
 
 
 # ---- the error table ---------------------------------------------------------------------------
