@@ -26,6 +26,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCHIVE = "llama.mar"
 MANIFEST = "MAR-INF/MANIFEST.json"
+# package_variant marks its copies in the manifest (TorchServe ignores keys it does not know), so
+# that a copy can be deleted once no version uses it; a model's original archive never is.
+COPY_OF = "chatstackCopyOf"
 
 
 class ArchiveError(Exception):
@@ -68,6 +71,12 @@ class ArchiveInfo:
     version: str
     settings: ModelSettings
     size_bytes: int
+    copy_of: str | None = None   # the archive this one was copied from by package_variant
+
+    @property
+    def is_copy(self) -> bool:
+        """A copy package_variant wrote (marked, or named NAME-vVERSION.mar as it names them)."""
+        return self.copy_of is not None or self.file == f"{self.model_name}-v{self.version}.mar"
 
 
 def read_archive(path: str | Path) -> ArchiveInfo:
@@ -82,7 +91,8 @@ def read_archive(path: str | Path) -> ArchiveInfo:
     model = manifest.get("model", {})
     return ArchiveInfo(file=path.name, model_name=model.get("modelName", path.stem),
                        version=str(model.get("modelVersion", "1.0")),
-                       settings=ModelSettings.from_model_config(config or {}), size_bytes=path.stat().st_size)
+                       settings=ModelSettings.from_model_config(config or {}), size_bytes=path.stat().st_size,
+                       copy_of=manifest.get(COPY_OF))
 
 
 def list_archives(store: str | Path) -> list[ArchiveInfo]:
@@ -132,6 +142,7 @@ def package_variant(store: str | Path, source: str, version: str, settings: Mode
         with zipfile.ZipFile(src) as zin, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zout:
             manifest = json.loads(zin.read(MANIFEST))
             manifest.setdefault("model", {})["modelVersion"] = version
+            manifest[COPY_OF] = manifest.get(COPY_OF) or src.name   # the original, for a copy of a copy
             config_name = manifest["model"].get("configFile")
             for entry in zin.infolist():
                 if entry.filename == MANIFEST:

@@ -139,7 +139,21 @@ def swap_settings(client: TorchServeClient, store: Path, name: str, settings: Mo
     if not wait_until_idle(client, name, old_version, old_pids, timeout_s=DRAIN_TIMEOUT_S):
         on_step(f"{old_version} was still busy after {DRAIN_TIMEOUT_S} s; unregistering it anyway")
     on_step(f"5/5 {client.unregister(name, old_version)}")
+    for removed in remove_unused_copies(client, store):
+        on_step(f"Deleted {removed}: a copy no registered version uses")
     return version
+
+
+def remove_unused_copies(client: TorchServeClient, store: Path) -> list[str]:
+    """Delete the archive copies package_variant made (for a swap or other batch settings) that
+    no registered version uses any more; original archives stay. Returns the files deleted."""
+    in_use = {m.archive for m in registered_models(client)}
+    removed = []
+    for info in list_archives(store):
+        if info.is_copy and info.file not in in_use:
+            (Path(store) / info.file).unlink(missing_ok=True)
+            removed.append(info.file)
+    return removed
 
 
 def _forget_version(client: TorchServeClient, name: str, version: str) -> None:

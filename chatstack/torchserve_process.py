@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -203,8 +204,9 @@ class TorchServeProcess:
 
     # ---- start / stop -------------------------------------------------------------------
 
-    def start(self, models: str | None = None, wait_s: float = 120) -> None:
-        """Start TorchServe and wait until it answers /ping. Raises StartError with a plain reason."""
+    def start(self, models: str | None = None, wait_s: float = 120, model_snapshot: dict | None = None) -> None:
+        """Start TorchServe and wait until it answers /ping. Raises StartError with a plain reason.
+        With `model_snapshot` (chatstack.serving_snapshot), TorchServe registers what it names."""
         if self.is_running():
             raise StartError(f"TorchServe is already running (pid {self.pid()})")
         java = shutil.which("java", path=(os.environ.get("JAVA_HOME", "") + "/bin:" if os.environ.get("JAVA_HOME") else "") + os.environ.get("PATH", ""))
@@ -237,9 +239,13 @@ class TorchServeProcess:
         props["vmargs"] = f"{props.get('vmargs', '')} -Djava.io.tmpdir={self.run_dir / 'tmp'}".strip()
         if agent:
             props["vmargs"] += f" -javaagent:{agent}"  # loads torchserve_fix's ContinuousBatching
+        if model_snapshot:  # one line of JSON; a .properties value keeps a backslash only doubled
+            props["model_snapshot"] = json.dumps(model_snapshot).replace("\\", "\\\\")
         write_properties(self.config_path, props)
         self.key_file.unlink(missing_ok=True)
-        cmd = [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
+        # Config snapshots stay on: TorchServe writes what it serves to logs/config/ at each change,
+        # which the console's Start reads back (chatstack.serving_snapshot).
+        cmd = [torchserve, "--start", "--foreground", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store)]
         if self.log_config:
             cmd += ["--log-config", str(self.log_config)]
