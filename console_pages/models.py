@@ -8,7 +8,7 @@ from chatstack.console_config import ConsoleConfig
 from chatstack.console_display import archive_rows, model_rows
 from chatstack.model_archive import DEFAULT_ARCHIVE, ModelSettings, list_archives
 from chatstack.model_packaging import PackagingRequest, add_model, model_sources, packed_config, quant_types
-from chatstack.model_registry import register_archive
+from chatstack.model_registry import register_archive, remove_unused_copies
 from console_pages.shared import console_process, read_models, run_action
 
 # ---- state
@@ -64,9 +64,9 @@ else:
     st.caption("A GGUF file, or a Hugging Face snapshot folder (converted to GGUF, then quantized), from the "
                f"model folders: {', '.join(f'`{f}`' for f in model_folders)}.")
     with st.form("add_form"):
-        picked = st.selectbox("Model file", sources, index=None, placeholder="Pick a file from the model folders",
+        add_picked = st.selectbox("Model file", sources, index=None, placeholder="Pick a file from the model folders",
                               key="add_source")
-        typed = st.text_input("…or its path on the server", key="add_path",
+        add_typed = st.text_input("…or its path on the server", key="add_path",
                               help="Symlinks and .. are resolved first; it must lie inside a model folder")
         a1, a2, a3, a4 = st.columns(4)
         add_name = a1.text_input("Name", key="add_name", help="Letters, digits, _ and -; not taken yet")
@@ -94,7 +94,7 @@ if models:
 
 # ---- act
 if add:
-    request = PackagingRequest(typed.strip() or picked or "", add_name.strip(), add_version.strip(),
+    request = PackagingRequest(add_typed.strip() or add_picked or "", add_name.strip(), add_version.strip(),
                                int(add_ctx), int(add_slots), int(add_gpu_layers), add_quant)
 
     def adding(step):
@@ -114,8 +114,11 @@ if register:
     run_action(f"Registering {archive_file}", lambda step: register_archive(
         client, process.model_store, archive_file, wanted, on_step=step))
 if unregister:
-    run_action(f"Unregistering {picked.name} {picked.version}",
-               lambda step: client.unregister(picked.name, picked.version))
+    def unregistering(step):
+        step(client.unregister(picked.name, picked.version))
+        removed = remove_unused_copies(client, process.model_store)   # a copy made for that version
+        return f"{picked.name} {picked.version} unregistered" + (f"; deleted {', '.join(removed)}" if removed else "")
+    run_action(f"Unregistering {picked.name} {picked.version}", unregistering)
 if set_default:
     run_action(f"Making {picked.version} the default of {picked.name}",
                lambda step: client.set_default_version(picked.name, picked.version))
