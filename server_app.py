@@ -18,6 +18,7 @@ navigation = st.navigation([
     st.Page("console_pages/status.py", title="Status", icon=":material/monitor_heart:"),
     st.Page("console_pages/metrics.py", title="Metrics", icon=":material/monitoring:"),
     st.Page("console_pages/security.py", title="Security", icon=":material/key:"),
+    st.Page("console_pages/logs.py", title="Logs", icon=":material/article:"),
 ])
 process = console_process()
 
