@@ -3,12 +3,18 @@ reaching TorchServe's Prometheus endpoint with plausible values."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import requests
 import yaml
 
 import llama_metrics
+from chatstack import metric_names
 from chatstack.metrics_history import slots_by_worker
 from conftest import ROOT
+from llama_engine import EngineStats, SlotState, SlotStats
+from test_histograms import FrontendCounters, reporter  # noqa: F401 (a fixture)
 
 # model metrics TorchServe itself reports for every model
 TORCHSERVE_MODEL_METRICS = {"HandlerTime", "PredictionTime"}
@@ -19,6 +25,33 @@ def test_metrics_yaml_declares_exactly_the_handlers_metric_names():
     names = {kind: {m["name"] for m in declared.get(kind, [])} - TORCHSERVE_MODEL_METRICS
              for kind in ("counter", "gauge", "histogram")}
     assert names == {"counter": set(llama_metrics.COUNTERS), "gauge": set(llama_metrics.GAUGES), "histogram": set()}
+
+
+def test_the_console_and_the_handler_name_the_same_metrics_and_slot_states():
+    """chatstack.metric_names (the console's) and llama_metrics (the handler's, packed alone in the .mar)."""
+    shared = {name: value for name, value in vars(metric_names).items() if name.isupper() and hasattr(llama_metrics, name)}
+    assert len(shared) >= 10
+    for name, value in shared.items():
+        handler_value = getattr(llama_metrics, name)
+        assert (value.name if isinstance(value, metric_names.Histogram) else value) == handler_value, name
+    assert metric_names.SLOT_STATES == {v: s.value for s, v in llama_metrics.SLOT_STATE_VALUES.items()}
+    assert {h.name for h in metric_names.declared_metrics().handler_histograms} == set(llama_metrics.HISTOGRAM_BUCKETS)
+
+
+def test_capacity_gauges_go_out_per_worker_and_per_slot_as_metrics_yaml_declares_them(reporter, caplog):
+    caplog.set_level("INFO", logger="ts.metrics")
+    stats = EngineStats(slots_total=2, slots_active=2, slots_reading_prompt=1, slots_generating=1, requests_waiting=3,
+                        slots=[SlotStats(SlotState.READING_PROMPT, 40, 12), SlotStats(SlotState.GENERATING, 90, 0)])
+    reporter.report(stats, force=True)
+    frontend = FrontendCounters()
+    frontend.read(caplog.records)   # checks each line's dimensions against metrics.yaml
+    pid = str(os.getpid())
+    assert frontend.series(metric_names.REQUESTS_WAITING) == {("llama", "Model", pid): 3}
+    assert frontend.series(metric_names.SLOTS_GENERATING) == {("llama", "Model", pid): 1}
+    assert frontend.series(metric_names.SLOT_STATE) == {("llama", "Model", pid, "0"): 1, ("llama", "Model", pid, "1"): 2}
+    assert frontend.series(metric_names.SLOT_CONTEXT_TOKENS) == {("llama", "Model", pid, "0"): 40,
+                                                                 ("llama", "Model", pid, "1"): 90}
+    assert frontend.series(metric_names.SLOT_PROMPT_TOKENS_REUSED)[("llama", "Model", pid, "0")] == 12
 
 
 def samples(text, name, model="llama"):
@@ -78,3 +111,52 @@ def test_logs_hold_no_line_per_decode_step(torchserve):
         assert per_step not in ts_log + model_log
     assert "llama_model_loader: - kv" not in model_log and "llama_graph_n_input_tensors" not in model_log
     assert "/predictions/llama" in (logs / "access_log.log").read_text()
+
+
+def slot_gauges(client, pid: int, model: str = "llama") -> dict:
+    """One worker's capacity gauges: {name: value} and, per slot, {name: {slot: value}}."""
+    out: dict = {}
+    for name, labels, value in client.metric_samples():
+        if labels.get("ModelName") != model or labels.get("WorkerPid") != str(pid):
+            continue
+        if "Slot" in labels:
+            out.setdefault(name, {})[int(labels["Slot"])] = value
+        else:
+            out[name] = value
+    return out
+
+
+def test_slot_gauges_show_a_streaming_chat_generating_then_its_slot_idle(torchserve):
+    """While a long answer streams, /metrics shows its slot generating with its context growing;
+    after it, every slot idle, the slot holding the prompt and the answer (but its last token)."""
+    client = torchserve.client(timeout=120)
+    [pid] = [w["pid"] for entry in client.describe_model("llama") for w in entry["workers"]]
+    conversation = [{"role": "user", "content": "Count from one to one hundred in words."}]
+    seen = []      # (slot, its context tokens) each time /metrics showed a slot generating
+    next_look = time.monotonic() + 0.5
+    chunks = []
+    for chunk in client.chat_stream("llama", conversation, max_tokens=300, temperature=0, ignore_eos=True):
+        chunks.append(chunk)
+        if time.monotonic() >= next_look:
+            gauges = slot_gauges(client, pid)
+            generating = [s for s, state in gauges.get(metric_names.SLOT_STATE, {}).items() if state == 2]
+            if generating:
+                assert gauges[metric_names.SLOTS_GENERATING] == len(generating) == 1, gauges
+                assert gauges[metric_names.REQUESTS_WAITING] == 0
+                seen.append((generating[0], gauges[metric_names.SLOT_CONTEXT_TOKENS][generating[0]]))
+            next_look = time.monotonic() + 0.5
+    usage = chunks[-1]["usage"]
+    assert len({slot for slot, _ in seen}) == 1 and len(seen) >= 2, f"a generating slot in /metrics mid-stream: {seen}"
+    contexts = [tokens for _, tokens in seen]
+    assert contexts == sorted(contexts) and contexts[-1] > contexts[0] >= usage["prompt_tokens"], seen
+
+    slot = seen[0][0]
+    deadline = time.monotonic() + 10   # the last report goes out with the answer's end, through the worker's log
+    gauges = slot_gauges(client, pid)
+    while gauges[metric_names.SLOT_STATE][slot] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        gauges = slot_gauges(client, pid)
+    assert set(gauges[metric_names.SLOT_STATE].values()) == {0}, gauges
+    assert gauges[metric_names.SLOTS_GENERATING] == gauges[metric_names.SLOTS_READING_PROMPT] == 0
+    assert gauges[metric_names.SLOT_CONTEXT_TOKENS][slot] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert gauges[metric_names.SLOT_PROMPT_TOKENS_REUSED][slot] == usage["prompt_tokens_details"]["cached_tokens"]
