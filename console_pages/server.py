@@ -26,7 +26,10 @@ if status.running:
     st.caption(f"pid {status.pid} · logs in `{process.log_dir}`")
 
 register_default = st.checkbox(f"Register the default model ({DEFAULT_ARCHIVE}) after start", value=True,
-                               key="register_default")
+                               key="register_default",
+                               help="Start first brings back the models, versions, batch settings and workers "
+                                    "served before the last stop (TorchServe's snapshot in the run folder); "
+                                    "the default model is registered only when that leaves nothing served")
 start_col, stop_col, _ = st.columns([1, 1, 4])
 start = start_col.button("Start TorchServe", type="primary", key="start")
 stop = stop_col.button("Stop TorchServe", key="stop")
