@@ -30,7 +30,8 @@ levels = f3.multiselect("Levels", LEVELS, default=["ERROR", "WARN", "INFO"], key
 text = st.text_input("Lines holding (any case; a request id works too)", key="log_text")
 shown = filter_entries(entries, None if model == ALL else model, None if worker == ALL else worker, levels, text)
 limit = st.session_state.get("log_lines", 40) * 5
-st.markdown(f"**{len(shown)} entries**" + (f" (the newest {limit} shown)" if len(shown) > limit else ""))
+count = f"**{len(shown)} {'entry' if len(shown) == 1 else 'entries'}**"
+st.markdown(count + (f" (the newest {limit} shown)" if len(shown) > limit else ""))
 st.dataframe(pd.DataFrame([{"time": e.when.strftime("%H:%M:%S.%f")[:-3], "level": e.level, "model": e.model or "",
                             "worker": e.worker or "", "request id": e.request_id or "", "message": e.first_line}
                            for e in shown[:limit]], columns=["time", "level", "model", "worker", "request id",

@@ -126,3 +126,19 @@ def test_a_new_model_is_packaged_registered_and_answers(torchserve, model_store,
         if any(m["modelName"] == "added" for m in client.list_models()):
             client.unregister("added")
         (model_store / "added.mar").unlink(missing_ok=True)
+
+
+def test_a_snapshot_is_converted_and_quantized_to_the_chosen_type(tmp_path, monkeypatch):
+    from tiny_llama import make_tiny_llama
+    monkeypatch.setenv("LLAMA_MODELS_DIR", str(tmp_path / "converted"))   # not the repo's models/
+    snapshot = make_tiny_llama(tmp_path / "models" / "tiny-llama")
+    request, info = check_request(PackagingRequest(snapshot, "tiny", quant="Q8_0", n_ctx=1024),
+                                  [tmp_path / "models"], tmp_path / "store", [])
+    lines = []
+    archive = package_model(request, tmp_path / "store", lambda line, done: lines.append((line, done)))
+    said = [line for line, _ in lines]
+    assert any(line.startswith("Converting") for line in said) and "Quantizing to Q8_0..." in said
+    fractions = [done for _, done in lines if done is not None]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert (tmp_path / "converted" / "tiny.Q8_0.gguf").is_file()
+    assert packed_config(archive)["handler"]["n_ctx"] == 1024

@@ -1,7 +1,8 @@
 """End to end: headless Chromium drives `streamlit run server_app.py`, which runs a real TorchServe.
 
 The tests run in order in one browser tab, going from page to page through the sidebar:
-start -> register -> metrics -> scale to 2 -> keys -> stop.
+start -> register -> add the default GGUF again as a new model, chat with it -> a bad file
+refused -> metrics -> scale to 2 -> keys -> logs -> stop.
 Each saves a screenshot of its page into screenshots/server_*.png.
 """
 
@@ -30,12 +31,16 @@ expect.set_options(timeout=60_000)  # a script run takes seconds when the machin
 
 
 @pytest.fixture(scope="module")
-def console_env(session_dir, model_store):
+def console_env(session_dir, model_store, default_gguf):
     store = session_dir / "browser_store"
     store.mkdir()
     (store / "llama.mar").symlink_to(model_store / "llama.mar")
+    uploads = session_dir / "browser_models"   # a second model folder, holding a file that is no model
+    uploads.mkdir()
+    (uploads / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(8))
     return {"CHATSTACK_MODEL_STORE": str(store), "CHATSTACK_RUN_DIR": str(session_dir / "browser_run"),
-            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(5))}
+            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(5)),
+            "CHATSTACK_MODEL_FOLDERS": f"{default_gguf.parent}:{uploads}"}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +107,8 @@ def test_starting_from_the_page_shows_a_running_healthy_server(page):
     panel.get_by_role("button", name="Start TorchServe").click()
     expect_success(page, "TorchServe is running")
     panel = open_page(page, "Server")
-    expect(panel.get_by_text("Healthy", exact=True)).to_be_visible()
-    expect(panel.get_by_text("0.12.0", exact=True)).to_be_visible()
+    expect(panel.get_by_text("Healthy", exact=True).first).to_be_visible()  # a rerun may draw it twice for a moment
+    expect(panel.get_by_text("0.12.0", exact=True).first).to_be_visible()
     shoot(page, "server")
 
 
@@ -115,6 +120,39 @@ def test_registering_the_default_model_shows_it_registered(page):
     panel = open_page(page, "Models")
     expect(panel.get_by_text("No model is registered.")).to_have_count(0)
     shoot(page, "models")
+
+
+def test_adding_the_default_gguf_again_as_a_new_model_lets_one_chat_with_it(page, console_env, default_gguf):
+    panel = open_page(page, "Models")
+    form = panel.get_by_test_id("stForm").filter(has_text="Package and register")
+    form.get_by_role("combobox", name="Model file").click()
+    page.get_by_role("option", name=str(default_gguf)).click()
+    form.get_by_label("Name", exact=True).fill("smol-again")
+    form.get_by_label("Context per chat (tokens)").fill("1024")
+    form.get_by_label("Slots (chats at once per worker)").fill("3")
+    form.get_by_role("button", name="Package and register").click()
+    # the progress bar and the packaging log show while it works
+    expect(page.get_by_test_id("stProgress")).to_be_visible(timeout=SLOW_MS)
+    expect_success(page, 'Model "smol-again" Version: 1.0 registered with 1 initial workers')
+    shoot(page, "add_model")
+    client = ConsoleConfig.from_env(console_env).process().client(timeout=300)
+    assert client.describe_model("smol-again")[0]["batchSize"] == 3
+    answer = client.chat("smol-again", [{"role": "user", "content": "Name a colour."}], max_tokens=8)
+    assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["message"]["content"]
+    panel = open_page(page, "Models")
+    expect(panel.get_by_text("Packaging log of the last model added")).to_be_visible()
+    client.unregister("smol-again")   # the views that follow count the default model's workers only
+
+
+def test_a_file_that_is_not_a_gguf_is_refused_with_the_reason(page, session_dir):
+    panel = open_page(page, "Models")
+    form = panel.get_by_test_id("stForm").filter(has_text="Package and register")
+    form.get_by_role("textbox", name="…or its path on the server").fill(str(session_dir / "browser_models" / "broken.gguf"))
+    form.get_by_label("Name", exact=True).fill("broken")
+    form.get_by_role("button", name="Package and register").click()
+    expect(page.get_by_test_id("stAlertContentError")).to_contain_text(
+        "broken.gguf is not a GGUF file llama.cpp can read: it is truncated", timeout=SLOW_MS)
+    assert not (session_dir / "browser_store" / "broken.mar").exists()
 
 
 def test_metrics_view_shows_generated_tokens(page, console_env):
@@ -153,6 +191,21 @@ def test_security_view_masks_the_inference_key(page, console_env):
     # for a moment; the revealed one is drawn last.
     expect(panel.get_by_label("Inference key (give this to chat clients)").last).to_have_value(key, timeout=SLOW_MS)
     expect(page).to_have_url(re.compile("/security$"))  # the rerun kept the page
+
+
+def test_logs_view_shows_the_new_models_worker_lines_newest_first(page):
+    panel = open_page(page, "Logs")
+    expect(panel.get_by_text(re.compile(r"^\d+ entr(y|ies)"))).to_be_visible()
+    panel.get_by_role("combobox", name="Model", exact=True).click()
+    page.get_by_role("option", name="smol-again", exact=True).click()
+    box = panel.get_by_role("textbox", name="Lines holding (any case; a request id works too)")
+    box.fill("n_ctx_per_slot=1024")   # its worker's load line: the context chosen when it was added
+    box.press("Enter")
+    expect(panel.get_by_text("1 entry", exact=True)).to_be_visible()
+    box.fill("")
+    box.press("Enter")
+    expect(panel.get_by_text("1 entry", exact=True)).to_have_count(0)
+    shoot(page, "logs")
 
 
 def test_stopping_from_the_page_shows_the_server_stopped(page, console_env):
