@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="Chat", page_icon="💬")
+st.set_page_config(page_title="Chat", page_icon="💬", layout="centered")  # a page may widen it for its own run
 
 HERE = Path(__file__).parent
 # Pages written by other parts of the work appear once their file exists.

@@ -258,8 +258,13 @@ class Comparison:
         return any([side.poll() for side in self.sides])  # a list: poll every side
 
     def stop(self) -> None:
+        """Close both streams (each at its next chunk); what has arrived is kept, and a side
+        that had not finished counts as stopped."""
         for side in self.sides:
             side.stop()
+        self.poll()
+        for answer in self.answers:
+            answer.ended = True
 
 
 # ---- replay: a saved conversation's questions, asked again ------------------------------

@@ -98,8 +98,8 @@ with side_by_side:
                     show_side(answer)
 
 with replay_tab:
-    st.caption("Each question of a saved conversation is asked again, with the saved conversation before it, "
-               "and the new answer is set against the saved one.")
+    st.caption("Each question of a saved conversation is asked again, with the saved conversation before it "
+               "and your current system prompt, and the new answer is set against the saved one.")
     if not conversations:
         st.info("No saved conversation yet: chat first, then replay it here.")
     else:
