@@ -4,6 +4,7 @@ reaching TorchServe's Prometheus endpoint with plausible values."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import requests
@@ -160,3 +161,13 @@ def test_slot_gauges_show_a_streaming_chat_generating_then_its_slot_idle(torchse
     assert gauges[metric_names.SLOTS_GENERATING] == gauges[metric_names.SLOTS_READING_PROMPT] == 0
     assert gauges[metric_names.SLOT_CONTEXT_TOKENS][slot] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
     assert gauges[metric_names.SLOT_PROMPT_TOKENS_REUSED][slot] == usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_the_readme_metrics_table_documents_every_handler_metric():
+    section = (ROOT / "README.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = {name for row in section.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(llama_\w+)`", row.split("|")[1])}
+    histogram_series = {name + series for name in llama_metrics.HISTOGRAM_BUCKETS
+                        for series in llama_metrics.HISTOGRAM_SERIES}
+    handler_metrics = (set(llama_metrics.COUNTERS) - histogram_series) | set(llama_metrics.GAUGES)
+    assert documented == handler_metrics | set(llama_metrics.HISTOGRAM_BUCKETS)
