@@ -7,7 +7,8 @@ from datetime import date
 
 import streamlit as st
 
-from chatstack.conversation_transfer import TransferError, export_json, export_markdown, import_plan, read_import
+from chatstack.conversation_transfer import (MAX_IMPORT_BYTES, TransferError, export_json, export_markdown, import_plan,
+                                             read_import)
 from client_pages.page_setup import page_setup
 
 ALL = 0  # the choice "all conversations"
@@ -39,7 +40,9 @@ else:
 st.subheader("Import")
 st.caption("A JSON file exported here, or an OpenAI `messages` array (or a request body holding one). "
            "A file is checked whole before anything is saved: it is imported completely or not at all.")
-upload = st.file_uploader("File to import", type=["json"], key="import_file")
+# Streamlit turns a larger file away before it is uploaded; read_import checks again.
+upload = st.file_uploader("File to import", type=["json"], key="import_file",
+                          max_upload_size=MAX_IMPORT_BYTES // 2**20)
 if upload is not None:
     try:
         plan = read_import(upload.getvalue())

@@ -11,7 +11,7 @@ import json
 
 from playwright.sync_api import Browser, Page, expect
 
-from chatstack.conversation_transfer import export_json
+from chatstack.conversation_transfer import MAX_IMPORT_BYTES, export_json
 from chatstack.conversations import LOCAL_USER, ConversationStore
 from chatstack.usage import Usage
 from conftest import ROOT
@@ -68,6 +68,12 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_conversation(br
     expect(page.get_by_text("This file cannot be imported: messages[0].role: 'tool' is not a role")).to_be_visible()
     expect(page.get_by_role("button", name="Import", exact=True)).to_have_count(0)
     assert ConversationStore(target_db).list(LOCAL_USER) == []
+    # A file over the import limit is turned away before it is uploaded.
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(b"[" + b" " * MAX_IMPORT_BYTES + b"]")
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(huge)
+    expect(page.get_by_test_id("stFileUploader")).to_contain_text("20.0MB or smaller")
+    expect(page.get_by_role("button", name="Import", exact=True)).to_have_count(0)
 
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(exported)
     expect(page.get_by_text(f"{exported.name}: 1 conversation with 3 messages (chatstack JSON).")).to_be_visible()
