@@ -109,6 +109,7 @@ def test_batch_settings_and_workers_survive_stop_and_start(session_dir, model_st
         steps = []
         start_server(process, on_step=steps.append)
         assert any(s.startswith("Restoring what was served before the stop: llama 2.0 (default)") for s in steps)
+        client = process.client(timeout=600)   # new keys: TorchServe writes them at each start
         assert serving(client) == before, "not llama.mar 1.0 again"
         entry = client.describe_model("llama", "2.0")[0]
         assert entry["maxBatchDelay"] == 7
