@@ -89,7 +89,7 @@ def live_metrics():
         right.vega_lite_chart(long_series(frame, {SLOTS_ACTIVE: "in use", SLOTS_FREE: "free"}), lines("slots"),
                               height=200, use_container_width=True)
     else:
-        st.caption("Charts appear after the next sample.")
+        st.caption("Charts appear after the next refresh.")
 
     st.markdown(f"**Distributions** — p50 and p95 of the answers that finished in the {window_min} minutes "
                 "before each point")

@@ -184,7 +184,7 @@ if run is not None and not (job is not None and job.running):
                    "or try fewer chats at once.")
     else:
         choice = best.candidate
-        st.success(f"Recommended for TTFT p95 ≤ {ttft_limit:g} s: **{choice.label}** — {best.tokens_per_s:.1f} "
+        st.info(f"Recommended for TTFT p95 ≤ {ttft_limit:g} s: **{choice.label}** — {best.tokens_per_s:.1f} "
                    f"tokens/s with {best.concurrency} chat(s) at once (TTFT p95 {best.ttft_p95_s:.2f} s).")
         serving_now = Candidate(current.settings.batch_size, max(1, len(current.workers)))
         if choice == serving_now:

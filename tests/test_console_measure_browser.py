@@ -20,7 +20,7 @@ import pytest
 import requests
 from playwright.sync_api import expect, sync_playwright
 
-from chatstack.batch_tuning import VERSION_PREFIX, results_folder
+from chatstack.batch_tuning import VERSION_PREFIX, latest_run, results_folder
 from chatstack.console_config import ConsoleConfig
 from conftest import ROOT, free_port
 
@@ -165,9 +165,9 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     panel = open_page(page, "Tuning")
     remove_choices(panel, "Batch sizes", [8, 16])          # batch sizes 1 and 4
     remove_choices(panel, "Chats at once", [8])            # loads of 1 and 4 chats
-    panel.get_by_label("Tokens per answer").fill("24")
-    panel.get_by_label("Time limit per load (s)").fill("20")
-    panel.get_by_label("Time limit per load (s)").press("Enter")
+    panel.get_by_role("spinbutton", name="Tokens per answer").fill("24")
+    panel.get_by_role("spinbutton", name="Time limit per load (s)").fill("20")
+    panel.get_by_role("spinbutton", name="Time limit per load (s)").press("Enter")
     expect(panel.get_by_text(re.compile(r"2 setting\(s\) × 2 load\(s\): about .*, at most"))).to_be_visible()
     panel.get_by_role("button", name="Start tuning").click()
     expect(panel.get_by_test_id("stProgress")).to_be_visible()
@@ -179,11 +179,15 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     process = server
     saved = sorted(p.suffix for p in results_folder(process.run_dir).iterdir())
     assert saved == [".csv", ".json"]
+    print(next(results_folder(process.run_dir).glob("*.csv")).read_text())
+    run = latest_run(process.run_dir, "llama")
+    assert run.state == "done" and [(r.batch_size, r.concurrency) for r in run.rows] == [(1, 1), (1, 4), (4, 1), (4, 4)]
+    assert all(r.ok == r.requests == r.concurrency and r.tokens_per_s > 0 for r in run.rows), run.rows
     page.reload()
     panel = page.get_by_test_id("stMain")
     expect(panel.get_by_text("Last run")).to_be_visible()
-    panel.get_by_label("TTFT limit (p95, s)").fill("30")
-    panel.get_by_label("TTFT limit (p95, s)").press("Enter")
+    panel.get_by_role("spinbutton", name="TTFT limit (p95, s)").fill("30")
+    panel.get_by_role("spinbutton", name="TTFT limit (p95, s)").press("Enter")
     expect(panel.get_by_test_id("stVegaLiteChart")).to_have_count(2)
     table = panel.get_by_test_id("stDataFrame").last
     expect(table).to_be_visible()
@@ -199,7 +203,8 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     chat = ChatInFlight(client, max_tokens=1000)
     chat.wait_for_tokens()
     panel.get_by_role("button", name=re.compile(r"^Apply batch \d+ ×")).click()
-    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Now serving version", timeout=SLOW_MS)
+    expect(page.get_by_test_id("stAlertContentSuccess").filter(has_text="Now serving version")).to_be_visible(
+        timeout=SLOW_MS)
     chat.thread.join(timeout=300)
     assert chat.error is None and chat.finish_reason == "length", chat.error
     serving = client.describe_model("llama")[0]
