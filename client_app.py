@@ -13,8 +13,6 @@ from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="Chat", page_icon="💬", layout="centered")  # a page may widen it for its own run
-
 HERE = Path(__file__).parent
 # Pages written by other parts of the work appear once their file exists.
 OPTIONAL_PAGES = (("client_pages/compare.py", "Compare", ":material/compare:"),
@@ -22,4 +20,7 @@ OPTIONAL_PAGES = (("client_pages/compare.py", "Compare", ":material/compare:"),
 
 pages = [st.Page("client_pages/chat.py", title="Chat", icon=":material/chat:", default=True)]
 pages += [st.Page(path, title=title, icon=icon) for path, title, icon in OPTIONAL_PAGES if (HERE / path).exists()]
-st.navigation(pages).run()
+page = st.navigation(pages)
+# One page config per run, chosen for its page: Compare sets two answers side by side.
+st.set_page_config(page_title="Chat", page_icon="💬", layout="wide" if page.title == "Compare" else "centered")
+page.run()

@@ -135,6 +135,12 @@ class SideAnswer:
             return "stopped"
         return {"stop": None, "length": "cut at the token limit"}.get(self.finish_reason, self.finish_reason)
 
+    def details(self) -> dict:
+        """The server's account of the answer, in the shape a saved answer keeps it
+        (chatstack/message_details.py draws both)."""
+        details = {**self.timings, "model_version": self.model_version, "finish_reason": self.finish_reason}
+        return {name: value for name, value in details.items() if value is not None}
+
     def figures(self) -> Figures:
         def server(name: str) -> float | None:
             value = self.timings.get(name)

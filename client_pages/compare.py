@@ -8,14 +8,13 @@ import streamlit as st
 
 from chatstack.chat_display import as_markdown
 from chatstack.chat_settings import LIMITS, ChatSettings
+from chatstack.message_details import detail_rows, details_markdown
 from chatstack.model_compare import (Comparison, SideAnswer, Target, compare_messages, diff_html, list_targets, replay,
                                      saved_turns)
 from chatstack.server_settings import ServerSettings
 from client_pages.page_setup import page_setup
 
 REDRAW_S = 0.05  # how often the two answers are redrawn while they stream
-
-st.set_page_config(layout="wide")  # two answers side by side need the width
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -36,6 +35,10 @@ def show_side(answer: SideAnswer) -> None:
         st.error(answer.error)
     st.caption(" · ".join(part for part in (answer.figures().caption(), answer.ending()) if part)
                or "waiting for the first token…")
+    rows = detail_rows(answer.details()) if answer.ended else []
+    if rows:
+        with st.popover("Details", icon=":material/query_stats:"):
+            st.markdown(details_markdown(rows))
 
 
 server, store, user = page_setup()

@@ -134,6 +134,8 @@ def test_server_timings_win_over_measured_figures():
     figures = answer.figures()
     assert (figures.tokens, figures.tokens_per_second, figures.ttft_ms, figures.source) == (2, 33.3, 420.0, SERVER)
     assert answer.model_version == "2.0"
+    assert answer.details() == {"predicted_n": 2, "predicted_per_second": 33.3, "ttft_ms": 420.0,
+                                "model_version": "2.0", "finish_reason": "stop"}
     assert figures.caption() == "2 tokens · 33.3 tokens/s · first token after 420 ms (server)"
 
 
