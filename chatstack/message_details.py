@@ -117,7 +117,7 @@ def detail_rows(details) -> list[DetailRow]:
 
 def details_markdown(rows: list[DetailRow]) -> str:
     """The rows as a two-column Markdown table."""
-    lines = ["| | |", "|---|---|"]
+    lines = ["| Figure | This answer |", "|---|---|"]
     lines += [f"| {row.label} | {row.value.replace('|', '/')} |" for row in rows]
     return "\n".join(lines)
 

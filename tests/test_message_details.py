@@ -109,7 +109,7 @@ def test_view_shows_reasoning_text_tool_calls_and_details():
     assert app.expander[0].markdown[0].value == "The user asks about weather."
     assert "It is sunny." in [m.value for m in app.markdown]
     assert app.code[0].value == '{\n  "city": "Paris"\n}'
-    details = [m.value for m in app.markdown if m.value.startswith("| |")]
+    details = [m.value for m in app.markdown if m.value.startswith("| Figure | This answer |")]
     assert len(details) == 1 and "| Prompt tokens reused from cache | 90 tokens (75% of the prompt) |" in details[0]
 
 
