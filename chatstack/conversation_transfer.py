@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 MAX_IMPORT_BYTES = 20 * 1024 * 1024  # a file larger than this is refused before it is read
 MAX_MESSAGES = 50_000                # in one file, over all its conversations
 MAX_TEXT_CHARS = 1_000_000           # one message's content or reasoning
+MAX_NUMBER = 2 ** 53                 # ids, counts, times: what SQLite and JSON readers keep exactly
 MAX_NESTING = 32                     # JSON nesting anywhere in the file; ours needs 8
 
 ROLES = ("user", "assistant")
@@ -246,8 +247,8 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (integer and not isinstance(value, int)):
             self.fail(where, f"expected {'a whole number' if integer else 'a number'}, found {_kind(value)}")
-        if value < 0:
-            self.fail(where, f"expected a number of 0 or more, found {value}")
+        if not 0 <= value <= MAX_NUMBER:
+            self.fail(where, f"expected a number from 0 to {MAX_NUMBER}, found {value}")
         return value
 
     def content(self, value, where: str, *, optional: bool) -> str:
