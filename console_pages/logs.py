@@ -18,7 +18,8 @@ models = workers_of(entries)
 failed = failed_requests(entries)
 
 # ---- draw
-st.caption(f"From `{process.log_dir}` (ts_log.log: the server; model_log.log: the workers), newest first. "
+st.caption(f"From `{process.log_dir}` (ts_log.log: the server; model_log.log: the workers; access_log.log: each "
+           "API call and its status), newest first. "
            "A worker's traceback is one ERROR entry.")
 if not entries:
     st.info("No log lines yet: TorchServe writes them once it has started.")

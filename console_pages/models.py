@@ -55,6 +55,14 @@ if running and archives:
         wanted = ModelSettings(min_workers=workers, max_workers=workers, batch_size=batch, max_batch_delay=delay,
                                response_timeout=timeout, continuous_batching=continuous)
 
+unregister = set_default = False
+if models:
+    labels = {f"{m.name} {m.version}": m for m in models}
+    pick_col, unregister_col, default_col = st.columns([3, 1, 1])
+    picked = labels[pick_col.selectbox("Model version", list(labels), key="picked_version")]
+    unregister = unregister_col.button("Unregister", key="unregister")
+    set_default = default_col.button("Set default", key="set_default")
+
 add = None
 st.subheader("Add a model")
 if not running:
@@ -65,9 +73,9 @@ else:
                f"model folders: {', '.join(f'`{f}`' for f in model_folders)}.")
     with st.form("add_form"):
         add_picked = st.selectbox("Model file", sources, index=None, placeholder="Pick a file from the model folders",
-                              key="add_source")
+                                  key="add_source")
         add_typed = st.text_input("…or its path on the server", key="add_path",
-                              help="Symlinks and .. are resolved first; it must lie inside a model folder")
+                                  help="Symlinks and .. are resolved first; it must lie inside a model folder")
         a1, a2, a3, a4 = st.columns(4)
         add_name = a1.text_input("Name", key="add_name", help="Letters, digits, _ and -; not taken yet")
         add_version = a2.text_input("Version", "1.0", key="add_version")
@@ -83,14 +91,6 @@ else:
 if "packaging_log" in st.session_state:
     with st.expander("Packaging log of the last model added"):
         st.code("\n".join(st.session_state["packaging_log"]) or "(empty)", language=None)
-
-unregister = set_default = False
-if models:
-    labels = {f"{m.name} {m.version}": m for m in models}
-    pick_col, unregister_col, default_col = st.columns([3, 1, 1])
-    picked = labels[pick_col.selectbox("Model version", list(labels), key="picked_version")]
-    unregister = unregister_col.button("Unregister", key="unregister")
-    set_default = default_col.button("Set default", key="set_default")
 
 # ---- act
 if add:

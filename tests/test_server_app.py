@@ -114,6 +114,25 @@ def test_registering_a_registered_archive_shows_torchserve_message(console):
     assert not at.exception
 
 
+def test_adding_a_file_outside_the_model_folders_is_refused_before_packaging(console):
+    at = open_app("models")
+    at.text_input(key="add_path").input("/etc/../etc/passwd")
+    at.text_input(key="add_name").input("passwd")
+    next(b for b in at.button if b.label == "Package and register").click().run()
+    assert texts(at.error) == [f"model file: /etc/../etc/passwd is outside the folders the console may read models "
+                               f"from ({ROOT / 'models'}; CHATSTACK_MODEL_FOLDERS sets them)"]
+    assert not (console.model_store / "passwd.mar").exists() and not at.exception
+
+
+def test_adding_a_model_under_a_name_in_use_is_refused(console):
+    at = open_app("models")
+    at.selectbox(key="add_source").set_value(str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    at.text_input(key="add_name").input("llama")
+    next(b for b in at.button if b.label == "Package and register").click().run()
+    assert texts(at.error) == ["name: a model called 'llama' already exists (registered, or an archive in the "
+                               "model store); choose another name"]
+
+
 def test_the_page_follows_changes_made_behind_its_back(console):
     client = console.process().client(timeout=300)
     at = open_app("models")
