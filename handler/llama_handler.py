@@ -70,7 +70,6 @@ class LlamaHandler:
             logger.warning("the GGUF has no tokenizer.chat_template; chat uses ChatML")
         self.exchanges: dict[str, Exchange] = {}   # requests in the engine, by TorchServe's request id
         self.reporter = MetricsReporter(getattr(context, "metrics", None), self.model_name)
-        self.finished_since_report = False
 
     # ---- TorchServe entry point ------------------------------------------------
 
@@ -79,9 +78,11 @@ class LlamaHandler:
             outputs = self._continuous_step(data, context)
         else:
             outputs = self._generate_batch(data, context)
-        # Report at once when a request finished, so /metrics is current when a client reads it.
-        self.reporter.report(self.engine.stats, force=self.finished_since_report)
-        self.finished_since_report = False
+        # While requests run, the next calls report within a second. A call that leaves the engine
+        # idle may be the last for a while (TorchServe calls only with requests): report it now,
+        # so /metrics is current when a client reads it. (Forcing a report at every finished
+        # request instead cost ~3.6 ms and ~58 log lines a time on this CPU, under load every step.)
+        self.reporter.report(self.engine.stats, force=not self.engine.is_busy())
         return outputs
 
     def _continuous_step(self, data, context):
@@ -218,7 +219,6 @@ class LlamaHandler:
         for upd in updates.values():
             if upd.finished:
                 self.reporter.observe_finished(upd.time_to_first_token, upd.tokens_per_second)
-                self.finished_since_report = True
         # The slot gauges move while an answer streams; in dynamic batching one handler call lasts
         # the whole batch, so report from here (at most once a second), not only when the call ends.
         self.reporter.report(self.engine.stats)

@@ -15,6 +15,7 @@ from chatstack import metric_names
 from chatstack.metrics_history import slots_by_worker
 from conftest import ROOT
 from llama_engine import EngineStats, SlotState, SlotStats
+from test_batching import dynamic_batching_model  # noqa: F401 (a fixture)
 from test_histograms import FrontendCounters, reporter  # noqa: F401 (a fixture)
 
 # model metrics TorchServe itself reports for every model
@@ -130,16 +131,24 @@ def slot_gauges(client, pid: int, model: str = "llama") -> dict:
 def test_slot_gauges_show_a_streaming_chat_generating_then_its_slot_idle(torchserve):
     """While a long answer streams, /metrics shows its slot generating with its context growing;
     after it, every slot idle, the slot holding the prompt and the answer (but its last token)."""
-    client = torchserve.client(timeout=120)
-    [pid] = [w["pid"] for entry in client.describe_model("llama") for w in entry["workers"]]
+    check_slot_gauges_while_streaming(torchserve.client(timeout=120), "llama")
+
+
+def test_in_dynamic_batching_the_slot_gauges_move_during_the_batch(torchserve, dynamic_batching_model):
+    """There one handler call lasts the whole batch: the gauges go out from inside it."""
+    check_slot_gauges_while_streaming(torchserve.client(timeout=120), dynamic_batching_model)
+
+
+def check_slot_gauges_while_streaming(client, model: str):
+    [pid] = [w["pid"] for entry in client.describe_model(model) for w in entry["workers"]]
     conversation = [{"role": "user", "content": "Count from one to one hundred in words."}]
     seen = []      # (slot, its context tokens) each time /metrics showed a slot generating
     next_look = time.monotonic() + 0.5
     chunks = []
-    for chunk in client.chat_stream("llama", conversation, max_tokens=300, temperature=0, ignore_eos=True):
+    for chunk in client.chat_stream(model, conversation, max_tokens=300, temperature=0, ignore_eos=True):
         chunks.append(chunk)
         if time.monotonic() >= next_look:
-            gauges = slot_gauges(client, pid)
+            gauges = slot_gauges(client, pid, model)
             generating = [s for s, state in gauges.get(metric_names.SLOT_STATE, {}).items() if state == 2]
             if generating:
                 assert gauges[metric_names.SLOTS_GENERATING] == len(generating) == 1, gauges
@@ -153,10 +162,10 @@ def test_slot_gauges_show_a_streaming_chat_generating_then_its_slot_idle(torchse
 
     slot = seen[0][0]
     deadline = time.monotonic() + 10   # the last report goes out with the answer's end, through the worker's log
-    gauges = slot_gauges(client, pid)
+    gauges = slot_gauges(client, pid, model)
     while gauges[metric_names.SLOT_STATE][slot] != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-        gauges = slot_gauges(client, pid)
+        gauges = slot_gauges(client, pid, model)
     assert set(gauges[metric_names.SLOT_STATE].values()) == {0}, gauges
     assert gauges[metric_names.SLOTS_GENERATING] == gauges[metric_names.SLOTS_READING_PROMPT] == 0
     assert gauges[metric_names.SLOT_CONTEXT_TOKENS][slot] == usage["prompt_tokens"] + usage["completion_tokens"] - 1
