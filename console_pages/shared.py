@@ -29,7 +29,9 @@ def _process(config: str, store: str, run_dir: str, overrides: tuple) -> TorchSe
 def console_process() -> TorchServeProcess:
     """The TorchServe this console runs, as the environment places it (ConsoleConfig)."""
     config = ConsoleConfig.from_env()
-    return _process(str(config.config), str(config.model_store), str(config.run_dir), config.overrides)
+    key = (str(config.config), str(config.model_store), str(config.run_dir), config.overrides)
+    _sampler(*key)   # the metrics history starts with the console, not when a chart is first opened
+    return _process(*key)
 
 
 @st.cache_resource
