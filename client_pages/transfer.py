@@ -29,12 +29,13 @@ else:
                                                  or "conversation")
     name = f"{name}-{date.today().isoformat()}"
     left, right = st.columns(2)
-    left.download_button("Download JSON", export_json(store, user, ids), f"{name}.json", "application/json",
-                         icon=":material/data_object:", width="stretch",
+    # The files are written when a button is clicked, not on every run of the page.
+    left.download_button("Download JSON", lambda: export_json(store, user, ids), f"{name}.json", "application/json",
+                         icon=":material/data_object:", width="stretch", on_click="ignore",
                          help="Every message of every branch, with the model, its version, usage and the "
                               "server's figures: import it here to get the same conversations back.")
-    right.download_button("Download Markdown", export_markdown(store, user, ids), f"{name}.md", "text/markdown",
-                          icon=":material/description:", width="stretch",
+    right.download_button("Download Markdown", lambda: export_markdown(store, user, ids), f"{name}.md",
+                          "text/markdown", icon=":material/description:", width="stretch", on_click="ignore",
                           help="The conversations as they are shown, to read or share (other branches left out).")
 
 st.subheader("Import")
