@@ -17,6 +17,8 @@ class ClientState:
     answer_pending: bool = False         # the next run streams an answer to the selected path's last message...
     continue_id: int | None = None       # ...or continues this answer, which was cut short
     deleted: tuple[int, str] | None = None  # the conversation just deleted (id, title), offered for undo
+    summary_pending: bool = False        # the next run asks the model to summarise the older turns
+    attachment_round: int = 0            # a new number empties the file uploader after a message is sent
     drawn: int = 0                       # elements the last run drew for the conversation (see chat page)
     running_answer: Answer | None = None  # an answer a run is streaming; a run started by a click waits for it
     health: Health | None = None         # checked before the first message and after a failed call...

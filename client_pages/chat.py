@@ -10,6 +10,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from chatstack.attachments import (
+    ACCEPTED_TYPES, ASSUMED_CONTEXT, ESTIMATE_CHARS_PER_TOKEN, AttachmentRefused, check_fits, read_attachment,
+    with_attachments,
+)
 from chatstack.chat_display import answer_caption, as_markdown, branch_label, context_use
 from chatstack.chat_settings import (
     LIMITS, SETTING_NAMES, ChatSettings, continue_messages, needs_answer, request_messages,
@@ -20,6 +24,7 @@ from chatstack.people import LOCAL_USER, display_name, providers, sign_in_config
 from chatstack.reply_stream import Answer
 from chatstack.server_health import LOADING, READY, Health, check_health, worker_failure
 from chatstack.server_settings import ServerSettings, available_models
+from chatstack.summarise import summarise_and_continue
 from chatstack.torchserve_client import TorchServeError
 from chatstack.worker_failures import WorkerFailure
 
@@ -112,6 +117,10 @@ def retry(conversation_id: int) -> None:
     store.remove_failed_answer(user, conversation_id)
     state.answer_pending = True
     state.forget_health()
+
+
+def ask_for_summary() -> None:
+    state.summary_pending = True
 
 
 def continue_answer(message_id: int) -> None:
@@ -207,6 +216,49 @@ if not health.ok:
         show_failure(health.failure)
     st.button("Check again", on_click=state.forget_health)
 
+# The conversation, then the files for the next message: made now, filled below (the files are
+# read before the new message, and the conversation is drawn after it).
+conversation_box, attachment_box = st.container(), st.container()
+
+# ---- summarise and continue (asked for from the context meter below) ---------------------
+
+if current and state.summary_pending:
+    state.summary_pending = False
+    try:
+        with st.spinner("The model is summarising the older turns…"):
+            summarise_and_continue(store, user, current.id, server, settings)
+    except TorchServeError as error:
+        st.error(f"The summary failed: {error.message}")
+        state.forget_health()
+
+# ---- files to add to the next message, counted before it is sent --------------------------
+
+path_so_far = store.messages(user, current.id) if current else []
+so_far = context_use(path_so_far)
+with attachment_box:
+    with st.popover("Attach text files", icon=":material/attach_file:"):
+        uploads = st.file_uploader("Text files (.txt, .md, .csv, source code)", type=ACCEPTED_TYPES,
+                                   accept_multiple_files=True, key=f"attachments-{state.attachment_round}")
+    attachments, refusals = [], []
+    for upload in uploads or []:
+        try:
+            attachments.append(read_attachment(upload.name, upload.getvalue()))
+        except AttachmentRefused as refusal:
+            refusals.append(str(refusal))
+    if attachments:
+        try:
+            check_fits(attachments, so_far.length if so_far else ASSUMED_CONTEXT, so_far.used if so_far else 0,
+                       settings.max_tokens)
+        except AttachmentRefused as refusal:
+            refusals.append(str(refusal))
+            attachments = []
+    for refusal in refusals:
+        st.error(refusal, icon=":material/block:")
+    if attachments:
+        st.caption(" · ".join(f"{a.name} ≈ {a.tokens:,} tokens" for a in attachments)
+                   + f" — added to your next message (estimated at {ESTIMATE_CHARS_PER_TOKEN} characters a token: "
+                   "the server has no tokenize route)")
+
 # ---- a new message (read first, so the page below is drawn once, with it) ---------------
 
 if prompt := st.chat_input("Message the model", submit_mode="disable"):
@@ -214,13 +266,14 @@ if prompt := st.chat_input("Message the model", submit_mode="disable"):
         current = store.create(user)
         state.conversation_id = current.id
     # Saved before the model is asked: a server failure cannot lose it.
-    store.add_user_message(user, current.id, prompt)
+    store.add_user_message(user, current.id, with_attachments(prompt, attachments))
     state.answer_pending, state.continue_id = True, None
+    if uploads:
+        state.attachment_round += 1  # a fresh, empty uploader for the next message
 
 # ---- the conversation: the selected path, each message with its controls --------------------
 
 history = store.messages(user, current.id) if current else []
-conversation_box = st.container()
 drawn = 0  # elements drawn into conversation_box, to blank what the last run drew beyond them
 with conversation_box:
     if not history:
@@ -264,6 +317,14 @@ with conversation_box:
         context_placeholder.progress(use.fraction, text=use.label())
         if use.dropped_note():
             st.warning(use.dropped_note(), icon=":material/history:")
+            drawn += 1
+        if use.nearly_full and not state.answer_pending:
+            with st.container(border=True):
+                st.caption(f"The conversation fills {use.fraction:.0%} of the model's context. The model can "
+                           "summarise the older turns and go on from the summary in a new branch "
+                           "(the original messages are kept).")
+                st.button("Summarise and continue", icon=":material/summarize:", key="summarise",
+                          on_click=ask_for_summary)
             drawn += 1
 
     if current and needs_answer(history) and not state.answer_pending:

@@ -504,3 +504,112 @@ def test_search_pin_and_delete_with_undo(app_env, db_path):
     at.sidebar.button(key="undo_delete").click().run()
     assert [c.title for c in store.list(U)] == ["Boats", "Trains"]
     assert transcript(at) == [("user", "How do sailboats tack?")]
+
+
+def test_summarise_and_continue_starts_a_new_branch_from_a_summary(app_env, db_path):
+    store = ConversationStore(db_path)
+    chat_ = store.create(U)
+    turns = [("My cat is called Pixel.", "What a nice name for a cat."),
+             ("She is three years old.", "Three is a lovely age for a cat."),
+             ("What should I feed her?", "Good cat food, fresh water, and not too many treats.")]
+    for turn, (question, answer) in enumerate(turns):
+        store.add_user_message(U, chat_.id, question)
+        store.add_answer(U, chat_.id, answer, usage=Usage(total_tokens=1500 + 100 * turn, context_length=2048))
+    originals = [m.id for m in store.messages(U, chat_.id)]
+    at = open_app(query={"conversation": str(chat_.id)})
+    assert "fills 83% of the model's context" in texts(at.caption)
+    at.number_input(key="max_tokens").set_value(48).run()
+
+    at.button(key="summarise").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    summary, question, answer = store.messages(U, chat_.id)
+    assert summary.content.startswith("Summary of the earlier conversation:\n\n") and len(summary.content) > 50
+    assert (summary.parent_id, summary.branch) == (None, (2, 2))
+    assert (question.content, answer.content) == turns[-1]
+    assert transcript(at)[1:] == [("user", turns[-1][0]), ("assistant", turns[-1][1])]
+    assert not any(b.key == "summarise" for b in at.button)  # the new branch is short again
+    # The originals are kept on their branch.
+    at.button(key=f"previous-{summary.id}").click().run()
+    assert [m.id for m in store.messages(U, chat_.id)] == originals
+
+
+AUTH_SECRETS = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "not-a-real-secret",
+                "client_id": "chat", "client_secret": "s",
+                "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+
+
+def signed_in_app(user: dict, query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.secrets["auth"] = AUTH_SECRETS
+    at.user = user
+    at.query_params.update(query or {})
+    return at.run()
+
+
+def test_with_sign_in_configured_each_person_sees_only_their_own_conversations(app_env, db_path):
+    store = ConversationStore(db_path)
+    alice, bob = "https://idp.example|alice", "https://idp.example|bob"
+    for owner, text in ((alice, "Alice's question"), (bob, "Bob's question")):
+        conversation = store.create(owner)
+        store.add_user_message(owner, conversation.id, text)
+
+    at = signed_in_app({"is_logged_in": False})
+    assert [b.label for b in at.button] == ["Sign in"] and not at.chat_input and not at.chat_message
+
+    at = signed_in_app({"is_logged_in": True, "iss": "https://idp.example", "sub": "alice", "name": "Alice"})
+    assert not at.exception
+    titles = [b.label for b in at.sidebar.button if (b.key or "").startswith("open-")]
+    assert titles == ["Alice's question"] and "Signed in as Alice" in texts(at.sidebar.caption)
+    # Bob's conversation in the URL opens nothing for Alice.
+    at = signed_in_app({"is_logged_in": True, "iss": "https://idp.example", "sub": "alice"}, query={"conversation": "2"})
+    assert transcript(at) == [] and "conversation" not in at.query_params
+    at.sidebar.text_input(key="search").set_value("question").run()
+    assert [b.label for b in at.sidebar.button if (b.key or "").startswith("found-")] == ["Alice's question"]
+    # Without sign-in configured the page is single-user mode: neither person's conversations.
+    assert [b.label for b in open_app().sidebar.button if (b.key or "").startswith("open-")] == []
+
+
+def test_a_reply_keeps_reasoning_tool_calls_and_the_servers_figures_apart_from_the_text():
+    reply = Reply(model="llama")
+    chunks = [
+        {"choices": [{"delta": {"role": "assistant", "content": "", "reasoning_content": "Think."}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                "function": {"name": "weather", "arguments": ""}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}], "model_version": "2.0",
+         "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
+         "timings": {"prompt_n": 9, "cache_n": 0, "ttft_ms": 40.5, "queue_ms": None, "unknown": 1}},
+    ]
+    assert [reply.take(chunk) for chunk in chunks] == [""] * 5
+    assert (reply.text, reply.reasoning) == ("", "Think.")
+    assert reply.tool_calls == [{"id": "call_1", "type": "function",
+                                 "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]
+    assert reply.details() == {"prompt_n": 9, "cache_n": 0, "ttft_ms": 40.5, "model_version": "2.0",
+                               "finish_reason": "tool_calls"}
+    # Before the contract's figures arrive (or from an older server): nothing rather than "None".
+    assert Reply(model="llama").details() is None
+
+
+def test_sign_in_is_used_only_when_the_secrets_configure_it():
+    from chatstack.people import providers, sign_in_configured, user_id
+    assert not sign_in_configured({}) and not sign_in_configured({"auth": {"redirect_uri": "x"}})
+    assert not sign_in_configured({"auth": {"redirect_uri": "x", "cookie_secret": "y"}})  # no provider
+    assert sign_in_configured({"auth": AUTH_SECRETS})
+    named = {"auth": {"redirect_uri": "x", "cookie_secret": "y", "google": {"client_id": "g"}, "other": "z"}}
+    assert sign_in_configured(named) and providers(named) == ["google"]
+    assert user_id({"iss": "https://idp", "sub": "42", "email": "a@b"}) == "https://idp|42"
+    with pytest.raises(ValueError, match="subject"):
+        user_id({"email": "a@b"})
+
+
+def test_summarise_keeps_the_last_turn_and_asks_for_the_rest():
+    from chatstack.conversations import FAILED, Message
+    from chatstack.summarise import SUMMARY_REQUEST, split_for_summary, summary_messages
+    path = [Message(1, 1, "user", "q1"), Message(2, 1, "assistant", "a1"), Message(3, 1, "user", "q2"),
+            Message(4, 1, "assistant", "a2"), Message(5, 1, "assistant", "broken", status=FAILED)]
+    older, latest = split_for_summary(path)
+    assert ([m.id for m in older], [m.id for m in latest]) == ([1, 2], [3, 4])
+    assert summary_messages("Be brief.", older) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"}, {"role": "user", "content": SUMMARY_REQUEST}]

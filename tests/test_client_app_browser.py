@@ -19,10 +19,11 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from chatstack.conversations import ConversationStore
+from chatstack.conversations import LOCAL_USER as U, ConversationStore
 from chatstack.model_archive import ModelSettings
 from chatstack.model_registry import swap_settings
 from chatstack.torchserve_client import Keys
+from chatstack.usage import Usage
 from conftest import ROOT, free_port, start_server
 
 SCREENSHOTS = ROOT / "screenshots"
@@ -87,7 +88,7 @@ def server_env(torchserve) -> dict:
 def fresh_db(tmp_path, max_tokens=48):
     """A database whose saved settings keep answers short and repeatable."""
     db_path = tmp_path / "chat.db"
-    ConversationStore(db_path).save_settings({"max_tokens": max_tokens, "temperature": 0.0})
+    ConversationStore(db_path).save_settings(U, {"max_tokens": max_tokens, "temperature": 0.0})
     return db_path
 
 
@@ -127,10 +128,26 @@ def answer_settles_to(page: Page, expected: str, timeout_s: float = 30) -> str:
     return shown
 
 
+def stop_button(page: Page):
+    """The answer's own Stop button (shown while an answer is written)."""
+    return page.locator(".st-key-stop_answer button")
+
+
+def written_at_least(page: Page, characters: int) -> None:
+    """Wait until the second message (the answer) holds this much text (its buttons' labels not counted)."""
+    page.wait_for_function(
+        "n => { const m = document.querySelectorAll('[data-testid=stChatMessage]'); if (m.length != 2) return false;"
+        " const text = [...m[1].querySelectorAll('[data-testid=stMarkdownContainer]')]"
+        "   .filter(e => !e.closest('button')).map(e => e.innerText).join('');"
+        " return text.length > n; }", arg=characters, timeout=ANSWER_TIMEOUT_MS)
+
+
 def wait_until_answered(page: Page) -> None:
-    # After an answer is saved the app shows it with its Regenerate button.
-    expect(page.get_by_role("button", name="Regenerate")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
-    expect(page.get_by_test_id("stChatInputStopButton")).to_have_count(0, timeout=30_000)
+    # The message box is disabled while the page runs (and so while an answer is written);
+    # after an answer is saved the app shows it with its Regenerate button.
+    expect(page.get_by_placeholder("Message the model")).to_be_enabled(timeout=ANSWER_TIMEOUT_MS)
+    expect(stop_button(page)).to_have_count(0, timeout=30_000)
+    expect(messages(page).last.get_by_role("button", name="Regenerate")).to_be_enabled(timeout=30_000)
 
 
 def conversation_titles(page: Page) -> list[str]:
@@ -159,10 +176,9 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
     send(page, "Write a short poem about the sea.")
     # The answer grows while it is generated: sample it until the run ends.
     lengths = []
-    stop_button = page.get_by_test_id("stChatInputStopButton")
     deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
-        running = stop_button.count() > 0
+        running = stop_button(page).count() > 0
         if messages(page).count() == 2:
             lengths.append(len(answer_text(page)))
         if not running and lengths and lengths[-1] > 0:
@@ -205,11 +221,11 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, st
 
     send(page, "Tell a long story about a dragon who learns to fly.")
     expect(messages(page)).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)
-    page.wait_for_function(  # some words are written
-        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
-        " return m.length == 2 && m[1].innerText.length > 40; }", timeout=ANSWER_TIMEOUT_MS)
-    page.get_by_test_id("stChatInputStopButton").click()
-    expect(page.get_by_test_id("stChatInputStopButton")).to_have_count(0, timeout=30_000)
+    written_at_least(page, 40)
+    stop_button(page).click()
+    expect(stop_button(page)).to_have_count(0, timeout=30_000)
+    # Labelled at once, on the page that stopped it.
+    expect(messages(page).nth(1).get_by_test_id("stCaptionContainer")).to_contain_text("stopped", timeout=30_000)
     written = answer_text(page)
     page.wait_for_timeout(2000)
     assert answer_text(page) == written, "text kept coming after Stop"
@@ -222,18 +238,22 @@ def test_stop_ends_a_long_answer_and_keeps_what_was_written(browser: Browser, st
     kept = answer_text(page)
     assert kept.startswith(written.rstrip()[:30]) and 40 < len(kept) < 4000
     assert "stopped" in messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
-    [conversation] = ConversationStore(db_path).list()
-    saved = ConversationStore(db_path).messages(conversation.id)[-1]
+    [conversation] = ConversationStore(db_path).list(U)
+    saved = ConversationStore(db_path).messages(U, conversation.id)[-1]
     assert saved.status == "stopped" and saved.usage.completion_tokens < 1000
 
     # A regenerated answer has a Stop button of its own.
     page.get_by_role("button", name="Regenerate").click()
-    stop = page.locator(".st-key-stop_answer button")
+    stop = stop_button(page)
     expect(stop).to_be_visible(timeout=30_000)
     page.wait_for_timeout(1500)  # let it write a little
     stop.click()
-    expect(messages(page).nth(1).get_by_test_id("stCaptionContainer")).to_contain_text("stopped", timeout=30_000)
-    assert [m.status for m in ConversationStore(db_path).messages(conversation.id)] == ["complete", "stopped"]
+    expect(stop).to_have_count(0, timeout=30_000)
+    expect(messages(page).nth(1).get_by_test_id("stCaptionContainer").first).to_contain_text("stopped")
+    expect(messages(page).nth(1)).to_contain_text("2/2")  # the first answer is kept as the other version
+    store = ConversationStore(db_path)
+    assert [m.status for m in store.messages(U, conversation.id)] == ["complete", "stopped"]
+    assert [m.content for m in store.all_messages(U, conversation.id)][1] == saved.content
 
 
 def test_two_browser_sessions_chatting_at_once_each_get_their_answer(browser: Browser, start_app, torchserve,
@@ -249,7 +269,7 @@ def test_two_browser_sessions_chatting_at_once_each_get_their_answer(browser: Br
     wait_until_answered(bob)
 
     store = ConversationStore(db_path)
-    conversations = {c.title: store.messages(c.id) for c in store.list()}
+    conversations = {c.title: store.messages(U, c.id) for c in store.list(U)}
     assert set(conversations) == {"Name a fruit that is red.", "Name a planet in the solar system."}
     for page, question in ((alice, "Name a fruit that is red."), (bob, "Name a planet in the solar system.")):
         user, answer = conversations[question]
@@ -344,16 +364,14 @@ def test_a_chat_streaming_through_a_batch_settings_change_finishes_and_is_saved(
     assert new_version_ready.wait(timeout=600) and "error" not in outcome, outcome.get("error")
 
     send(page, LONG_ANSWER_PROMPT)
-    page.wait_for_function(  # the answer is being written
-        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
-        " return m.length == 2 && m[1].innerText.length > 20; }", timeout=ANSWER_TIMEOUT_MS)
+    written_at_least(page, 20)  # the answer is being written
     chat_streams.set()
     wait_until_answered(page)
     swapping.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
 
-    [conversation] = ConversationStore(db_path).list()
-    user, answer = ConversationStore(db_path).messages(conversation.id)
+    [conversation] = ConversationStore(db_path).list(U)
+    user, answer = ConversationStore(db_path).messages(U, conversation.id)
     assert (answer.status, answer.error) == ("complete", None)
     caption = messages(page).nth(1).get_by_test_id("stCaptionContainer").inner_text()
     assert "broke off" not in caption and "stopped" not in caption
@@ -368,6 +386,97 @@ def test_a_chat_streaming_through_a_batch_settings_change_finishes_and_is_saved(
     # The next chat goes to the new version.
     send(page, "Name a colour.")
     deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
-    while len(saved := ConversationStore(db_path).messages(conversation.id)) < 4 and time.monotonic() < deadline:
+    while len(saved := ConversationStore(db_path).messages(U, conversation.id)) < 4 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert [(m.role, m.status) for m in saved[2:]] == [("user", "complete"), ("assistant", "complete")]
+
+
+def test_edit_a_question_and_switch_between_branches(browser: Browser, start_app, torchserve, tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=24)
+    page = open_chat(browser.new_page(), start_app(db_path, **server_env(torchserve)))
+    send(page, "Name a fruit.")
+    wait_until_answered(page)
+    first_answer = answer_text(page)
+
+    # Edit the question: its popover holds the text; Send makes a new branch and answers it.
+    page.get_by_role("button", name="Edit").click()
+    editor = page.get_by_label("Your message")
+    editor.fill("Name a vegetable.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(messages(page).first).to_contain_text("Name a vegetable.", timeout=ANSWER_TIMEOUT_MS)
+    wait_until_answered(page)
+    expect(messages(page).first).to_contain_text("2/2")
+    store = ConversationStore(db_path)
+    [conversation] = store.list(U)
+    question, answer = store.messages(U, conversation.id)
+    assert (question.content, question.branch) == ("Name a vegetable.", (2, 2))
+    assert words(answer_text(page)) == words(answer.content)
+    screenshot(page, "branches")
+
+    # ‹ shows the first version again, with its own answer; › comes back.
+    messages(page).first.get_by_role("button", name="‹").click()
+    expect(messages(page).first).to_contain_text("Name a fruit.")
+    expect(messages(page).first).to_contain_text("1/2")
+    assert answer_settles_to(page, first_answer) == first_answer
+    messages(page).first.get_by_role("button", name="›").click()
+    expect(messages(page).first).to_contain_text("Name a vegetable.")
+    # Every message is kept, and the selected branch is the one reopened after a reload.
+    assert len(store.all_messages(U, conversation.id)) == 4
+    page.reload()
+    expect(messages(page).first).to_contain_text("Name a vegetable.", timeout=60_000)
+
+
+def test_search_finds_a_conversation_by_its_text(browser: Browser, start_app, torchserve, tmp_path):
+    db_path = fresh_db(tmp_path)
+    store = ConversationStore(db_path)
+    for question, answer in (("How do sailboats tack?", "They zig-zag across the wind."),
+                             ("Which trains are fastest?", "Maglev trains.")):
+        conversation = store.create(U)
+        store.add_user_message(U, conversation.id, question)
+        store.add_answer(U, conversation.id, answer)
+    page = open_chat(browser.new_page(), start_app(db_path, **server_env(torchserve)))
+    assert conversation_titles(page) == ["Which trains are fastest?", "How do sailboats tack?"]
+
+    search = page.get_by_placeholder("Search conversations")
+    search.fill("zig")
+    search.press("Enter")
+    found = page.locator("[class*='st-key-found-'] button")
+    expect(found).to_have_count(1, timeout=30_000)
+    expect(found).to_have_text("How do sailboats tack?")
+    expect(page.get_by_test_id("stSidebar")).to_contain_text("They zig-zag across the wind.")
+    screenshot(page, "search")
+    found.click()
+    expect(messages(page).first).to_contain_text("How do sailboats tack?")
+    expect(messages(page).nth(1)).to_contain_text("They zig-zag across the wind.")
+
+
+def test_summarise_and_continue_when_the_context_is_nearly_full(browser: Browser, start_app, torchserve, tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=48)
+    store = ConversationStore(db_path)
+    conversation = store.create(U)
+    turns = [("My cat is called Pixel.", "What a nice name for a cat."),
+             ("She is three years old.", "Three is a lovely age for a cat."),
+             ("What should I feed her?", "Good cat food, fresh water, and not too many treats.")]
+    for n, (question, answer) in enumerate(turns):
+        store.add_user_message(U, conversation.id, question)
+        store.add_answer(U, conversation.id, answer, usage=Usage(total_tokens=1600 + 50 * n, context_length=2048))
+    page = open_chat(browser.new_page(), start_app(db_path, **server_env(torchserve)) + f"?conversation={conversation.id}")
+    expect(page.get_by_text("fills 83% of the model's context")).to_be_visible(timeout=60_000)
+
+    page.get_by_role("button", name="Summarise and continue").click()
+    expect(messages(page).first).to_contain_text("Summary of the earlier conversation:", timeout=ANSWER_TIMEOUT_MS)
+    expect(messages(page)).to_have_count(3)
+    expect(messages(page).nth(1)).to_contain_text("What should I feed her?")
+    expect(messages(page).first).to_contain_text("2/2")
+    summary, question, answer = store.messages(U, conversation.id)
+    assert summary.parent_id is None and (question.content, answer.content) == turns[-1]
+    screenshot(page, "summarise")
+
+    # The next question goes on from the summary; the originals are one click away.
+    send(page, "And how often should she eat?")
+    wait_until_answered(page)
+    assert [m.content for m in store.messages(U, conversation.id)][:4] == \
+        [summary.content, turns[-1][0], turns[-1][1], "And how often should she eat?"]
+    messages(page).first.get_by_role("button", name="‹").click()
+    expect(messages(page).first).to_contain_text("My cat is called Pixel.")
+    expect(messages(page)).to_have_count(6)
