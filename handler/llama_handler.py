@@ -80,8 +80,9 @@ class LlamaHandler:
             outputs = self._generate_batch(data, context)
         # While requests run, the next calls report within a second. A call that leaves the engine
         # idle may be the last for a while (TorchServe calls only with requests): report it now,
-        # so /metrics is current when a client reads it. (Forcing a report at every finished
-        # request instead cost ~3.6 ms and ~58 log lines a time on this CPU, under load every step.)
+        # so /metrics is current when a client reads it. (Forcing one at every finished request
+        # would cost, under load, nearly every step ~4 ms and ~50 log lines for the frontend to
+        # parse: bench/bench_metrics_report.py.)
         self.reporter.report(self.engine.stats, force=not self.engine.is_busy())
         return outputs
 
