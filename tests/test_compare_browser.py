@@ -103,12 +103,12 @@ def test_two_versions_answer_side_by_side_with_their_figures(browser: Browser, s
     headers = [sides.nth(i).get_by_test_id("stMarkdownContainer").first.inner_text() for i in (0, 1)]
     assert headers == ["llama 1.0 · answered by version 1.0", "llama 2.0 · answered by version 2.0"]
     assert both_partial, "the two answers did not stream at the same time"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "chat_compare.png"), full_page=True)
     # Each side's Details: the server's full account (queue wait, cache use...), as under a chat answer.
     sides.nth(1).get_by_role("button", name="Details").click()
     expect(page.get_by_role("cell", name="Queue wait")).to_be_visible()
     expect(page.get_by_role("cell", name="2.0", exact=True)).to_be_visible()
-    SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "chat_compare.png"), full_page=True)
 
 
 def test_replay_shows_which_turns_answer_alike(browser: Browser, start_app, two_versions, tmp_path):
