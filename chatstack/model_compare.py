@@ -285,6 +285,8 @@ class TurnReplay:
     saved_model: str | None
     replayed: str = ""
     error: str | None = None
+    saved_figures: Figures | None = None     # from the saved answer's details, where it has them
+    replayed_figures: Figures | None = None  # from the replayed completion's timings
 
     @property
     def identical(self) -> bool:
@@ -322,7 +324,8 @@ def saved_turns(history: Sequence) -> list[TurnReplay]:
             continue
         answer = history[i + 1] if i + 1 < len(history) and history[i + 1].role == "assistant" else None
         turns.append(TurnReplay(len(turns) + 1, message.content, answer.content if answer else "",
-                                getattr(answer, "model", None) if answer else None))
+                                getattr(answer, "model", None) if answer else None,
+                                saved_figures=server_figures(getattr(answer, "details", None))))
     return turns
 
 
@@ -341,9 +344,20 @@ def replay(client: TorchServeClient, target: Target, system_prompt: str, history
             answer = client.chat(target.model, messages, version=target.version, **sampling)
             message = (answer.get("choices") or [{}])[0].get("message") or {}
             turn.replayed = message.get("content") or ""
+            turn.replayed_figures = server_figures(answer.get("timings"))
         except TorchServeError as error:
             turn.error = error.message
         yield turn
+
+
+def server_figures(timings) -> Figures | None:
+    """An answer's speed from the server's timings (a completion's `timings`, or a saved
+    answer's details); None without them. A non-streamed answer has nothing measured here."""
+    if not isinstance(timings, dict) or not isinstance(timings.get("predicted_per_second"), (int, float)):
+        return None
+    tokens, ttft = timings.get("predicted_n"), timings.get("ttft_ms")
+    return Figures(tokens if isinstance(tokens, int) else None, timings["predicted_per_second"],
+                   ttft if isinstance(ttft, (int, float)) else None, SERVER)
 
 
 def words(text: str) -> list[str]:

@@ -126,6 +126,10 @@ with replay_tab:
         for turn in st.session_state.get("replay_turns", []):
             icon = ":material/check_circle:" if turn.identical else ":material/difference:"
             with st.expander(f"{turn.summary()} — {turn.question[:60]}", icon=icon, expanded=not turn.identical):
+                speeds = [f"{who}: {figures.caption()}" for who, figures in (
+                    ("saved", turn.saved_figures), (st.session_state.replay_against, turn.replayed_figures)) if figures]
+                if speeds:
+                    st.caption(" — ".join(speeds))
                 if turn.error:
                     st.error(turn.error)
                 elif turn.identical:

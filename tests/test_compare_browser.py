@@ -136,6 +136,9 @@ def test_replay_shows_which_turns_answer_alike(browser: Browser, start_app, two_
     expect(page.get_by_text("1 of 2 answers identical")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
     expect(page.get_by_text(re.compile(r"Turn 1: identical"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"Turn 2: differs from word 1 \(\d+% of the words alike\)"))).to_be_visible()
+    # The replayed answer's speed, from the server's timings (the saved answers here have none).
+    expect(page.get_by_text(re.compile(r"^llama 2\.0: \d+ tokens · [\d.]+ tokens/s · first token after [\d,]+ ms "
+                                       r"\(server\)$")).filter(visible=True)).to_have_count(1)
     removed = page.locator("del")
     expect(removed.first).to_contain_text("Madrid")
     SCREENSHOTS.mkdir(exist_ok=True)

@@ -169,6 +169,19 @@ HISTORY = [message("user", "Q1"), message("assistant", "The sky is blue.", model
            message("user", "Q3")]
 
 
+def test_replayed_and_saved_speeds_come_from_the_servers_timings():
+    timings = {"predicted_n": 12, "predicted_per_second": 30.0, "ttft_ms": 150.0}
+    saved = [message("user", "Q1"), SimpleNamespace(role="assistant", content="A", status="complete", model="llama",
+                                                    details={**timings, "model_version": "1.0"})]
+    client = FakeClient(answers={"Q1": "A"})
+    client.chat = lambda model, messages, version=None, **params: {
+        "choices": [{"message": {"content": "A"}}], "timings": {**timings, "predicted_per_second": 45.5}}
+    [turn] = list(replay(client, Target("llama", "2.0"), "", saved, {}))
+    assert turn.saved_figures.caption() == "12 tokens · 30.0 tokens/s · first token after 150 ms (server)"
+    assert turn.replayed_figures.tokens_per_second == 45.5
+    assert saved_turns([message("user", "Q"), message("assistant", "A")])[0].saved_figures is None
+
+
 def test_saved_turns_pair_each_question_with_its_answer():
     turns = saved_turns(HISTORY)
     assert [(t.index, t.question, t.saved, t.saved_model) for t in turns] == [
