@@ -153,7 +153,7 @@ def branch_switch(conversation_id: int, message: Message) -> None:
     after = message.alternatives[position + 1] if position + 1 < len(message.alternatives) else None
     st.button("‹", key=f"previous-{message.id}", disabled=before is None, on_click=show_branch,
               args=(conversation_id, before), help="Previous version")
-    st.caption(label)
+    st.caption(label, width="content")
     st.button("›", key=f"next-{message.id}", disabled=after is None, on_click=show_branch,
               args=(conversation_id, after), help="Next version")
 
@@ -288,7 +288,7 @@ with conversation_box:
         with last_box:
             if message.role == "user":
                 st.markdown(as_markdown(message.content))
-                with st.container(horizontal=True, key=f"controls-{message.id}"):
+                with st.container(horizontal=True, vertical_alignment="center", key=f"controls-{message.id}"):
                     branch_switch(current.id, message)
                     with st.popover("Edit", icon=":material/edit:", disabled=busy):
                         st.text_area("Your message", value=message.content, key=f"edit-text-{message.id}")
@@ -300,7 +300,7 @@ with conversation_box:
                 st.caption(caption)
             if is_last and state.continue_id == message.id:
                 continue  # its continuation streams below, into this message
-            with st.container(horizontal=True, key=f"controls-{message.id}"):
+            with st.container(horizontal=True, vertical_alignment="center", key=f"controls-{message.id}"):
                 branch_switch(current.id, message)
                 st.button("Regenerate", icon=":material/autorenew:", key=f"regenerate-{message.id}", disabled=busy,
                           on_click=answer_again, args=(current.id, message.parent_id),
