@@ -124,14 +124,14 @@ class TunePlan:
         return len(self.candidates) * (1 + len(self.concurrency))
 
     def estimate_s(self, level_s: float | None = None) -> float:
-        """Expected duration: each candidate's load plus its levels (each at most level_limit_s)."""
+        """Expected duration: each candidate's load, its warm-up and its levels (each at most level_limit_s)."""
         level = self.level_limit_s if level_s is None else min(level_s, self.level_limit_s)
-        return len(self.candidates) * (self.load_estimate_s + len(self.concurrency) * level)
+        return len(self.candidates) * (self.load_estimate_s + (1 + len(self.concurrency)) * level)
 
     @property
     def limit_s(self) -> float:
-        """The longest a run can take: every load and every level at its limit."""
-        return len(self.candidates) * (self.load_limit_s + len(self.concurrency) * self.level_limit_s)
+        """The longest a run can take: every load, warm-up and level at its limit."""
+        return len(self.candidates) * (self.load_limit_s + (1 + len(self.concurrency)) * self.level_limit_s)
 
 
 @dataclass
@@ -287,6 +287,7 @@ def run_tuning(client: TorchServeClient, store: str | Path, plan: TunePlan, sour
                 continue
             step += 1
             try:
+                _warm_up(client, plan, candidate, cancel, load)
                 for concurrency in plan.concurrency:
                     if cancel.is_set():
                         break
@@ -352,6 +353,21 @@ def _remove_candidate(client: TorchServeClient, store: Path, model: str, candida
     except TorchServeError:   # not registered (any more)
         pass
     (store / _archive_file(model, candidate)).unlink(missing_ok=True)
+
+
+WARM_UP_TOKENS = 4   # the warm-up answer's length: enough to run a decode step
+
+
+def _warm_up(client: TorchServeClient, plan: TunePlan, candidate: Candidate, cancel: threading.Event,
+             load: LoadRunner) -> None:
+    """One short answer per worker before measuring: a freshly loaded worker's first answer is
+    slow (on this CPU 24 tokens took 16 s against half a second for the next), which would
+    count against the candidate at the first load."""
+    spec = LoadSpec(url=endpoint(client.inference_url, plan.model, version=candidate.version),
+                    concurrency=candidate.workers, max_tokens=WARM_UP_TOKENS, key=client.keys.inference,
+                    timeout=plan.level_limit_s)
+    deadline = time.monotonic() + plan.level_limit_s
+    load(spec, should_stop=lambda: cancel.is_set() or time.monotonic() > deadline)
 
 
 def _measure(client: TorchServeClient, plan: TunePlan, candidate: Candidate, concurrency: int,

@@ -37,7 +37,7 @@ def long_series(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
 
 
 def ms(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.0f} ms"
+    return "–" if value is None else f"{value:,.0f}"
 
 
 # ---- state
@@ -61,17 +61,19 @@ def live_metrics():
     latency = history.quantiles(REQUEST_LATENCY_MS, window_min * 60)
 
     # ---- draw
+    # Short values (the columns are narrow); the unit is in each label.
     c = st.columns(5)
     rate = history.rate(TOKENS_GENERATED)
-    c[0].metric("Generated tokens/s (now)", "–" if rate is None else f"{rate:.1f} tokens/s")
-    c[1].metric("Tokens generated", f"{format_number(totals.get(TOKENS_GENERATED, 0))} tokens")
-    c[2].metric("Time to first token p50 / p95", f"{ms(ttft[0.5])} / {ms(ttft[0.95])}",
-                help=f"Answers that finished in the last {window_min} min; '–' when none did")
-    c[3].metric("Latency p50 / p95", f"{ms(latency[0.5])} / {ms(latency[0.95])}",
+    c[0].metric("Generated tokens/s (now)", "–" if rate is None else f"{rate:.1f}")
+    c[1].metric("Tokens generated", format_number(totals.get(TOKENS_GENERATED, 0)))
+    c[2].metric("TTFT p50 / p95 (ms)", f"{ms(ttft[0.5])} / {ms(ttft[0.95])}",
+                help=f"Time to first token of the answers that finished in the last {window_min} min; "
+                     "'–' when none did")
+    c[3].metric("Latency p50 / p95 (ms)", f"{ms(latency[0.5])} / {ms(latency[0.95])}",
                 help=f"Arrival to last token, answers of the last {window_min} min")
     if SLOTS_FREE in totals:
         used, total = totals.get(SLOTS_ACTIVE, 0), totals.get(SLOTS_ACTIVE, 0) + totals[SLOTS_FREE]
-        c[4].metric("Slots active / free", f"{used:.0f} of {total:.0f} in use")
+        c[4].metric("Slots active / free", f"{used:.0f} of {total:.0f}", help="Slots in use of all workers' slots")
     else:
         c[4].metric("Slots active / free", "–", help="The workers report their slots once they served a chat")
     reuse = prompt_cache_reuse(totals)

@@ -91,9 +91,9 @@ def test_candidates_pair_every_batch_size_with_every_worker_count_smallest_first
 
 def test_the_estimate_is_within_the_hard_limit_and_counts_every_load_and_level():
     p = plan(level_limit_s=10, load_limit_s=60, load_estimate_s=15)
-    assert p.estimate_s() == 2 * (15 + 2 * 10)
-    assert p.estimate_s(level_s=4) == 2 * (15 + 2 * 4)
-    assert p.limit_s == 2 * (60 + 2 * 10) >= p.estimate_s()
+    assert p.estimate_s() == 2 * (15 + 3 * 10)         # load, warm-up, two levels
+    assert p.estimate_s(level_s=4) == 2 * (15 + 3 * 4)
+    assert p.limit_s == 2 * (60 + 3 * 10) >= p.estimate_s()
     assert p.steps == 2 * 3
     with pytest.raises(ValueError, match="concurrency"):
         TunePlan(model="llama", candidates=(Candidate(1, 1),), concurrency=(0,))
@@ -164,7 +164,8 @@ def test_a_run_measures_each_candidate_at_each_level_and_leaves_nothing_register
                             "unregister tune-b4-w1"]
     assert sorted(p.name for p in tmp_path.glob("*.mar")) == ["llama.mar"]   # candidate copies deleted
     assert specs[0].url == "http://127.0.0.1:1/predictions/llama/tune-b1-w1" and specs[0].key == "ik"
-    assert specs[0].max_tokens == 16 and [s.concurrency for s in specs] == [1, 2, 1, 2]
+    # Each candidate is warmed up with one short answer per worker, then measured at each level.
+    assert [(s.concurrency, s.max_tokens) for s in specs] == [(1, 4), (1, 16), (2, 16)] * 2
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
@@ -200,6 +201,8 @@ def test_cancelling_stops_the_load_and_the_run_and_unregisters_the_candidate(tmp
     asked = []
 
     def load(spec, should_stop):
+        if spec.max_tokens == 4:          # the warm-up
+            return [], 0.1
         cancel.set()                      # the operator presses Cancel during the first level
         asked.append(should_stop())
         return [RequestResult(0, 0, error=STOPPED, start=0, end=1)], 1.0
@@ -213,6 +216,8 @@ def test_a_level_is_cut_off_at_its_time_limit(tmp_path):
     stops = []
 
     def load(spec, should_stop):
+        if spec.max_tokens == 4:          # the warm-up
+            return [], 0.1
         stops.append(should_stop())
         import time
         time.sleep(0.3)
