@@ -36,7 +36,8 @@ from chatstack.torchserve_client import TorchServeClient, TorchServeError
 BATCH_SIZES = (1, 4, 8, 16, 32)
 CONCURRENCY_LEVELS = (1, 2, 4, 8, 16, 32)
 MAX_WORKERS = 4             # more workers than this split a machine's cores too thinly to be worth a try
-LOAD_ESTIMATE_S = 20.0      # a candidate's packaging and loading when the server reports no worker load time
+LOAD_ESTIMATE_S = 20.0      # a candidate's loading when the server reports no worker load time
+REGISTER_S = 5.0            # registering and unregistering a candidate, beyond its workers' loading
 WORKER_LOAD_TIME = "WorkerLoadTime"   # TorchServe's gauge of a worker's model loading, ms
 TUNING_FOLDER = "tuning"    # in the console's run folder: one JSON and one CSV per run
 VERSION_PREFIX = "tune-"    # candidate versions are named tune-b{batch}-w{workers}
@@ -76,18 +77,21 @@ def worker_counts_here(worker_memory_mb: float) -> list[int]:
 
 
 def load_estimate_s(samples: list[tuple[str, dict[str, str], float]], archive_mb: float) -> float:
-    """How long a candidate takes to be ready: copying its archive (about 200 MB/s) and the
-    longest worker load TorchServe reported (its WorkerLoadTime gauge, ms), else LOAD_ESTIMATE_S."""
+    """How long a candidate takes to be ready and gone again: copying its archive (about 200 MB/s),
+    the longest worker load TorchServe reported (its WorkerLoadTime gauge, ms; else LOAD_ESTIMATE_S)
+    and REGISTER_S for registering and unregistering it."""
     loads = [value / 1000 for name, _, value in samples if name == WORKER_LOAD_TIME]
-    return archive_mb / 200 + (max(loads) if loads else LOAD_ESTIMATE_S)
+    return archive_mb / 200 + (max(loads) if loads else LOAD_ESTIMATE_S) + REGISTER_S
 
 
-def expected_level_s(max_tokens: int, requests_per_stream: int, tokens_per_s: float | None) -> float:
-    """A level's expected duration: its streams' answers one after another at the speed one
-    answer got lately (the handler's llama_tokens_per_second gauge; 20 tokens/s when unknown),
-    plus a second each to start."""
+def expected_level_s(max_tokens: int, requests_per_stream: int, tokens_per_s: float | None,
+                     concurrency: int = 1, slots: int = 1) -> float:
+    """A load's expected duration: its chats take the slots in rounds (chats beyond the slots
+    wait), each round the answers one after another at the speed one answer got lately (the
+    handler's llama_tokens_per_second gauge; 20 tokens/s when unknown), plus a second to start."""
     speed = tokens_per_s if tokens_per_s and tokens_per_s > 0 else 20.0
-    return requests_per_stream * (max_tokens / speed + 1.0)
+    rounds = -(-concurrency // max(1, slots))
+    return requests_per_stream * rounds * (max_tokens / speed + 1.0)
 
 
 def candidates(batch_sizes: list[int], worker_counts: list[int]) -> list[Candidate]:
@@ -123,10 +127,17 @@ class TunePlan:
         """Progress steps: loading each candidate, then each of its levels."""
         return len(self.candidates) * (1 + len(self.concurrency))
 
-    def estimate_s(self, level_s: float | None = None) -> float:
-        """Expected duration: each candidate's load, its warm-up and its levels (each at most level_limit_s)."""
-        level = self.level_limit_s if level_s is None else min(level_s, self.level_limit_s)
-        return len(self.candidates) * (self.load_estimate_s + (1 + len(self.concurrency)) * level)
+    def estimate_s(self, tokens_per_s: float | None = None) -> float:
+        """Expected duration at `tokens_per_s` per answer (expected_level_s): each candidate's
+        load, its warm-up and its levels (each at most level_limit_s)."""
+        total = 0.0
+        for c in self.candidates:
+            slots = c.batch_size * c.workers
+            levels = [expected_level_s(self.max_tokens, self.requests_per_stream, tokens_per_s, n, slots)
+                      for n in self.concurrency]
+            warm_up = expected_level_s(WARM_UP_TOKENS, 1, tokens_per_s)
+            total += self.load_estimate_s + sum(min(s, self.level_limit_s) for s in [warm_up, *levels])
+        return total
 
     @property
     def limit_s(self) -> float:

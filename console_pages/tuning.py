@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from chatstack.batch_tuning import (BATCH_SIZES, CONCURRENCY_LEVELS, Candidate, TunePlan, TuningJob, applied_settings,
-                                    candidates, chats_in_flight, expected_level_s, latest_run, load_estimate_s,
+                                    candidates, chats_in_flight, latest_run, load_estimate_s,
                                     recommend, tune_and_save, worker_counts_here)
 from chatstack.console_display import TUNING_COLUMNS, format_duration, tuning_points, tuning_rows
 from chatstack.metric_names import TOKENS_PER_SECOND
@@ -144,7 +144,7 @@ else:
                         max_tokens=int(max_tokens), requests_per_stream=int(requests_each),
                         level_limit_s=float(level_limit),
                         load_estimate_s=load_estimate_s(samples, archive_path.stat().st_size / 2**20))
-        expected = plan.estimate_s(expected_level_s(plan.max_tokens, plan.requests_per_stream, recent_speed))
+        expected = plan.estimate_s(recent_speed)
         st.markdown(f"**{len(plan.candidates)} setting(s) × {len(plan.concurrency)} load(s)**: about "
                     f"{format_duration(expected)}, at most {format_duration(plan.limit_s)}.")
     in_flight = chats_in_flight(samples, worker_pids, sum(m.pending_requests for m in models if m.name == name))

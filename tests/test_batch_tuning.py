@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatstack.batch_tuning import (LOAD_ESTIMATE_S, Candidate, LevelResult, TunePlan, TuneRun, TuningJob,
+from chatstack.batch_tuning import (LOAD_ESTIMATE_S, REGISTER_S, Candidate, LevelResult, TunePlan, TuneRun, TuningJob,
                                     applied_settings, candidates, chats_in_flight, expected_level_s, latest_run,
                                     load_estimate_s, per_worker_gauge, recommend, run_tuning, save_run, tune_and_save,
                                     worker_counts_that_fit)
@@ -90,10 +90,12 @@ def test_candidates_pair_every_batch_size_with_every_worker_count_smallest_first
 
 
 def test_the_estimate_is_within_the_hard_limit_and_counts_every_load_and_level():
-    p = plan(level_limit_s=10, load_limit_s=60, load_estimate_s=15)
-    assert p.estimate_s() == 2 * (15 + 3 * 10)         # load, warm-up, two levels
-    assert p.estimate_s(level_s=4) == 2 * (15 + 3 * 4)
-    assert p.limit_s == 2 * (60 + 3 * 10) >= p.estimate_s()
+    p = plan(level_limit_s=10, load_limit_s=60, load_estimate_s=15, max_tokens=40)   # batch 1 and 4, 1 and 2 chats
+    warm_up = 4 / 20 + 1
+    # batch 1: 2 chats take two rounds; batch 4: one. At 20 tokens/s an answer of 40 takes 2 s + 1 s to start.
+    assert p.estimate_s(20) == pytest.approx((15 + warm_up + 3 + 6) + (15 + warm_up + 3 + 3))
+    assert p.estimate_s(2) == pytest.approx(2 * 15 + 2 * (4 / 2 + 1) + 4 * 10)   # each level cut at its limit
+    assert p.limit_s == 2 * (60 + 3 * 10) >= p.estimate_s(None) >= p.estimate_s(1000)
     assert p.steps == 2 * 3
     with pytest.raises(ValueError, match="concurrency"):
         TunePlan(model="llama", candidates=(Candidate(1, 1),), concurrency=(0,))
@@ -256,7 +258,8 @@ def test_a_failed_job_says_why_and_its_run_is_saved(tmp_path):
 
 def test_the_estimate_uses_the_servers_own_worker_load_time_and_recent_speed():
     samples = [("WorkerLoadTime", {"WorkerName": "W-9000"}, 4000.0), ("WorkerLoadTime", {"WorkerName": "W-9001"}, 9000.0)]
-    assert load_estimate_s(samples, archive_mb=200) == 1 + 9
-    assert load_estimate_s([], archive_mb=0) == LOAD_ESTIMATE_S
+    assert load_estimate_s(samples, archive_mb=200) == 1 + 9 + REGISTER_S
+    assert load_estimate_s([], archive_mb=0) == LOAD_ESTIMATE_S + REGISTER_S
     assert expected_level_s(max_tokens=64, requests_per_stream=2, tokens_per_s=32) == 2 * (2 + 1)
     assert expected_level_s(max_tokens=40, requests_per_stream=1, tokens_per_s=None) == 3
+    assert expected_level_s(40, 1, None, concurrency=9, slots=4) == 3 * 3   # 9 chats on 4 slots: three rounds

@@ -98,9 +98,15 @@ def open_page(page, name):
     return page.get_by_test_id("stMain")
 
 
-def shoot(page, name):
-    page.wait_for_timeout(500)  # let charts and tables finish drawing
+def shoot(page, name, height=None):
+    """A screenshot of the page; `height`: a taller window for it (Streamlit's main area scrolls
+    inside the window, so a full-page shot holds only what the window shows)."""
+    if height:
+        page.set_viewport_size({"width": 1400, "height": height})
+    page.wait_for_timeout(1000)  # let charts and tables finish drawing
     page.screenshot(path=str(SCREENSHOTS / f"server_{name}.png"), full_page=True)
+    if height:
+        page.set_viewport_size({"width": 1400, "height": 1400})
 
 
 class ChatInFlight:
@@ -150,7 +156,7 @@ def test_latency_view_charts_percentiles_of_known_chats(page, server):
     expect(panel.get_by_test_id("stMetricValue").filter(has_text=re.compile(r"^[\d,]+ / [\d,]+$")).first) \
         .to_be_visible(timeout=SLOW_MS)
     expect(panel.get_by_text("None", exact=True)).to_have_count(0)
-    shoot(page, "latency")
+    shoot(page, "latency", height=2000)
 
 
 def remove_choices(panel, label, values):
@@ -202,7 +208,7 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     table = panel.get_by_test_id("stDataFrame").last
     expect(table).to_be_visible()
     expect(panel.get_by_text(re.compile("Recommended for TTFT p95"))).to_be_visible()
-    shoot(page, "tune")
+    shoot(page, "tune", height=2600)
 
     # The candidates are gone: registered versions and archive copies.
     client = process.client(timeout=300)
