@@ -65,6 +65,9 @@ def test_openai_client_chat(openai_client):
     reply = openai_client.chat.completions.create(model="llama", messages=HELLO, max_tokens=24, temperature=0)
     assert reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
+    # the server's own figures reach an OpenAI client as extra fields
+    assert reply.model_extra["timings"]["predicted_n"] == reply.usage.completion_tokens
+    assert reply.model_extra["model_version"] == "1.0"
 
 
 def test_openai_client_streaming_chat(openai_client):
@@ -74,6 +77,7 @@ def test_openai_client_streaming_chat(openai_client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["timings"]["ttft_ms"] > 0
 
 
 def test_openai_client_completion_and_models(openai_client):
