@@ -114,13 +114,21 @@ class ChatInFlight:
 
     def __init__(self, client, max_tokens=400, version=None):
         self.chunks, self.finish_reason, self.error = [], None, None
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(client, max_tokens, version), daemon=True)
         self.thread.start()
+
+    def stop(self):
+        """Close the stream (which stops its generation) and wait for the thread."""
+        self.stopped.set()
+        self.thread.join(timeout=60)
 
     def _run(self, client, max_tokens, version):
         try:
             for chunk in client.chat_stream("llama", LONG_CHAT, version=version, max_tokens=max_tokens,
                                             temperature=0, ignore_eos=True):
+                if self.stopped.is_set():
+                    return
                 self.chunks.append(chunk)
                 for choice in chunk.get("choices") or []:
                     self.finish_reason = choice.get("finish_reason") or self.finish_reason
@@ -142,8 +150,8 @@ def test_capacity_view_shows_a_generating_slot_while_a_chat_streams(page, server
     expect(panel.get_by_text("generating", exact=True).first).to_be_visible(timeout=SLOW_MS)
     expect(panel.get_by_text(re.compile(r": 1 generating"))).to_be_visible()
     shoot(page, "capacity")
-    chat.thread.join(timeout=300)
-    assert chat.error is None and chat.finish_reason == "length"
+    chat.stop()   # long enough to be seen on a busy machine; no need to wait for its end
+    assert chat.error is None
 
 
 def test_latency_view_charts_percentiles_of_known_chats(page, server):
@@ -169,19 +177,21 @@ def remove_choices(panel, label, values):
 def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a_chat_finishes(
         page, server, console_env):
     # While a chat streams on the model, tuning waits for the operator's word.
-    chat = ChatInFlight(server.client(timeout=300), max_tokens=300)
+    chat = ChatInFlight(server.client(timeout=300), max_tokens=1500)
     chat.wait_for_tokens()
     page.wait_for_timeout(1500)   # the handler reports its slots at most once a second
     panel = open_page(page, "Tuning")
     expect(panel.get_by_text(re.compile(r"chat\(s\) are in flight on llama now"))).to_be_visible()
     expect(panel.get_by_role("button", name="Start tuning")).to_be_disabled()
-    chat.thread.join(timeout=300)
-    assert chat.error is None and chat.finish_reason == "length"
+    chat.stop()
+    assert chat.error is None
+    page.wait_for_timeout(3000)   # the worker notices the closed stream and reports its slot free
 
     remove_choices(panel, "Batch sizes", [8, 16])          # batch sizes 1 and 4 (each removal reruns the page)
     remove_choices(panel, "Chats at once", [8])            # loads of 1 and 4 chats
-    panel.get_by_role("spinbutton", name="Tokens per answer").fill("24")
-    panel.get_by_role("spinbutton", name="Time limit per load (s)").fill("20")
+    panel.get_by_role("spinbutton", name="Tokens per answer").fill("16")
+    # About a minute on this machine alone; the limit leaves room for other test runs sharing its two cores.
+    panel.get_by_role("spinbutton", name="Time limit per load (s)").fill("90")
     panel.get_by_role("spinbutton", name="Time limit per load (s)").press("Enter")
     expect(panel.get_by_text(re.compile(r"2 setting\(s\) × 2 load\(s\): about .*, at most"))).to_be_visible()
     expect(panel.get_by_text(re.compile(r"are in flight on llama now"))).to_have_count(0)   # the chat is over
