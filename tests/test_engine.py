@@ -75,6 +75,47 @@ def test_engine_batches_several_sequences_per_decode(engine, prompter):
     assert per_call > 2.5, f"only {per_call:.2f} sequences per llama_decode"
 
 
+def test_busy_slots_move_down_so_one_decode_is_one_pass_and_answers_do_not_change(engine, prompter, monkeypatch):
+    """llama.cpp decodes only consecutive sequence ids in one ubatch; the engine keeps the
+    busy slots on the lowest ids (moving a slot copies its KV), and no answer changes."""
+    lengths = [40, 4, 30, 12, 40, 6]    # short ones finish first and leave holes below long ones
+    reqs = {f"m{i}": GenerationRequest(chat_tokens(prompter, PROMPTS[i]), n, GREEDY, ignore_eos=True)
+            for i, n in enumerate(lengths)}
+    alone = {}
+    for rid, req in reqs.items():
+        engine.clear_cache()
+        alone[rid] = run_all(engine, {rid: req})[0][rid][0]
+    engine.clear_cache()
+    moves = engine.stats.slot_moves
+    decoded = []   # the sequence ids of each llama_decode's batch
+    fill_batch = engine._fill_batch
+
+    def recording_fill_batch():
+        plan = fill_batch()
+        decoded.append([slot.seq_id for slot, _, _ in plan])
+        return plan
+
+    monkeypatch.setattr(engine, "_fill_batch", recording_fill_batch)
+    together, _ = run_all(engine, reqs)
+    assert engine.stats.slot_moves > moves
+    assert all(ids == list(range(len(ids))) for ids in decoded), decoded
+    assert {rid: text for rid, (text, _) in together.items()} == alone
+
+
+def test_a_next_turn_admitted_to_a_high_slot_moves_down_keeping_its_cached_prefix(engine, prompter):
+    engine.clear_cache()
+    turns = {f"c{i}": [{"role": "user", "content": p}] for i, p in enumerate(PROMPTS[:4])}
+    first, _ = run_all(engine, {rid: GenerationRequest(prompter.tokens(t), 16, GREEDY) for rid, t in turns.items()})
+    follow = turns["c3"] + [{"role": "assistant", "content": first["c3"][0]}, {"role": "user", "content": "Why?"}]
+    moves = engine.stats.slot_moves
+    out, _ = run_all(engine, {"next": GenerationRequest(prompter.tokens(follow), 16, GREEDY)})
+    assert engine.stats.slot_moves == moves + 1
+    assert out["next"][1].cached_tokens >= len(prompter.tokens(turns["c3"]))
+    engine.clear_cache()
+    cold, _ = run_all(engine, {"cold": GenerationRequest(prompter.tokens(follow), 16, GREEDY)})
+    assert out["next"][0] == cold["cold"][0]
+
+
 def test_short_request_sent_during_a_long_one_finishes_first(engine, prompter):
     engine.submit("long", GenerationRequest(chat_tokens(prompter, "Write a long story about a dragon."), 200,
                                             GREEDY))
