@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     finally:
         stop_server(server)
         shutil.rmtree(work, ignore_errors=True)
-    ratios = [g["tokens_per_s"] / d["tokens_per_s"] for d, g in zip(runs["direct"], runs["gateway"])]
+    ratios = [g["tokens_per_s"] / d["tokens_per_s"] if d["tokens_per_s"] else float("nan")
+              for d, g in zip(runs["direct"], runs["gateway"])]
     median = {route: sorted(r, key=lambda s: s["tokens_per_s"])[len(r) // 2] for route, r in runs.items()}
     print(f"\n{datetime.date.today().isoformat()}, commit {commit()}, {os.cpu_count()} cores (1-minute load average "
           f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), default model, {args.streams} streaming "
