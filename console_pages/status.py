@@ -9,7 +9,7 @@ import streamlit as st
 
 from chatstack.capacity import worker_loads
 from chatstack.console_display import (CAPACITY_COLUMNS, QUEUE_COLUMNS, SLOT_COLUMNS, capacity_rows, queue_rows,
-                                       slot_rows)
+                                       slot_rows, slots_summary)
 from chatstack.process_stats import CpuMeter
 from chatstack.torchserve_client import TorchServeError
 from chatstack.worker_failures import last_worker_failure
@@ -52,8 +52,12 @@ def live_status():
         st.dataframe(pd.DataFrame(capacity_rows(loads), columns=CAPACITY_COLUMNS), hide_index=True)
         slots = slot_rows(loads)
         if slots:
-            st.markdown("**Slots** — each worker answers this many chats at once (its batch size)")
-            st.dataframe(pd.DataFrame(slots, columns=SLOT_COLUMNS), hide_index=True)
+            st.markdown("**Slots** — each worker answers as many chats at once as it has slots (its batch size)")
+            for w in loads:
+                if w.slots:
+                    st.markdown(f"{w.model} {w.version}, worker {w.worker}: {slots_summary(w)}")
+            # A table, not a data grid: a few rows, drawn as text (and cheap to redraw).
+            st.table(pd.DataFrame(slots, columns=SLOT_COLUMNS).set_index(["worker", "slot"]))
         st.markdown("**Job queue** — requests TorchServe holds for each version's workers")
         st.dataframe(pd.DataFrame(queue_rows(models), columns=QUEUE_COLUMNS), hide_index=True)
     if failure:
