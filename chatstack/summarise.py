@@ -13,14 +13,19 @@ from chatstack.server_settings import ServerSettings
 
 KEEP_LAST = 2  # the latest turns are copied as they are (the last question and its answer)
 SUMMARY_MAX_TOKENS = 384
-SUMMARY_REQUEST = ("Summarise the conversation above in a few short paragraphs: the questions asked, the answers "
-                   "given, and any facts, names, numbers or decisions needed to carry on. Write only the summary.")
+SUMMARY_REQUEST = ("Summarise this conversation between a user and an assistant in a few short sentences: what "
+                   "the user asked and told, what the assistant answered, and any facts, names or numbers needed "
+                   "to carry on. Write only the summary.")
 SUMMARY_HEADING = "Summary of the earlier conversation:"
 
 
 def summary_messages(system_prompt: str, older: list[Message]) -> list[dict]:
-    """What to send to have `older` summarised."""
-    return request_messages(system_prompt, older) + [{"role": "user", "content": SUMMARY_REQUEST}]
+    """What to send to have `older` summarised: the turns as one transcript in one request (small
+    models summarised the request itself when the turns came as chat messages before it)."""
+    transcript = "\n\n".join(f"{message['role'].capitalize()}: {message['content']}"
+                               for message in request_messages("", older))
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    return messages + [{"role": "user", "content": f"{SUMMARY_REQUEST}\n\n{transcript}"}]
 
 
 def split_for_summary(path: list[Message]) -> tuple[list[Message], list[Message]]:

@@ -611,5 +611,5 @@ def test_summarise_keeps_the_last_turn_and_asks_for_the_rest():
     older, latest = split_for_summary(path)
     assert ([m.id for m in older], [m.id for m in latest]) == ([1, 2], [3, 4])
     assert summary_messages("Be brief.", older) == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"}, {"role": "user", "content": SUMMARY_REQUEST}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"{SUMMARY_REQUEST}\n\nUser: q1\n\nAssistant: a1"}]

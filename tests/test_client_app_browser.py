@@ -114,7 +114,9 @@ def messages(page: Page):
 def answer_text(page: Page, index: int = -1) -> str:
     """The text of an assistant message, without its caption and copy control."""
     message = messages(page).nth(index if index >= 0 else messages(page).count() + index)
-    return message.get_by_test_id("stMarkdownContainer").first.inner_text()
+    # Button labels are Markdown too (the answer's Stop button comes first while it is written).
+    return message.locator("[data-testid=stMarkdownContainer]:not(button [data-testid=stMarkdownContainer])"
+                           ).first.inner_text()
 
 
 def answer_settles_to(page: Page, expected: str, timeout_s: float = 30) -> str:
@@ -480,3 +482,31 @@ def test_summarise_and_continue_when_the_context_is_nearly_full(browser: Browser
     messages(page).first.get_by_role("button", name="‹").click()
     expect(messages(page).first).to_contain_text("My cat is called Pixel.")
     expect(messages(page)).to_have_count(6)
+
+
+def test_attach_a_text_file_see_its_tokens_and_send_it(browser: Browser, start_app, torchserve, tmp_path):
+    db_path = fresh_db(tmp_path, max_tokens=24)
+    page = open_chat(browser.new_page(), start_app(db_path, **server_env(torchserve)))
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Shopping\n- apples\n- bread\n")
+    huge = tmp_path / "huge.txt"
+    huge.write_text("word " * 4000)  # 20,000 characters: about 5,000 tokens, more than the context
+
+    page.get_by_role("button", name="Attach text files").click()
+    page.locator("input[type=file]").set_input_files(str(huge))
+    refusal = page.get_by_test_id("stAlertContentError")
+    expect(refusal).to_contain_text("Too large for the context", timeout=30_000)
+    expect(refusal).to_contain_text("the model's context is 2,048 tokens")
+    screenshot(page, "attachment_refused")
+
+    page.get_by_role("button", name="Remove huge.txt").click()
+    page.locator("input[type=file]").set_input_files(str(notes))
+    expect(page.get_by_text("notes.md ≈")).to_be_visible(timeout=30_000)
+    expect(refusal).to_have_count(0)
+    page.keyboard.press("Escape")
+    send(page, "What is on this list?")
+    wait_until_answered(page)
+    [conversation] = ConversationStore(db_path).list(U)
+    question = ConversationStore(db_path).messages(U, conversation.id)[0]
+    assert question.content.startswith("What is on this list?\n\nFile notes.md:\n```markdown\n# Shopping")
+    expect(messages(page).first).to_contain_text("apples")
