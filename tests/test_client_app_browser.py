@@ -180,7 +180,8 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
     lengths = []
     deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
-        running = stop_button(page).count() > 0
+        # The message box is disabled while the page runs; the Stop button shows while the answer streams.
+        running = stop_button(page).count() > 0 or page.get_by_placeholder("Message the model").is_disabled()
         if messages(page).count() == 2:
             lengths.append(len(answer_text(page)))
         if not running and lengths and lengths[-1] > 0:
