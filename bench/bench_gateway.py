@@ -26,7 +26,6 @@ import datetime
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,14 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import GREEDY, LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from bench.bench_run import commit, default_model_store  # noqa: E402
 from chatstack.gateway_process import ADDRESS_PROPERTY, GatewayProcess  # noqa: E402
 from chatstack.server_lifecycle import start_server, stop_server  # noqa: E402
 from chatstack.torchserve_process import TorchServeProcess, free_port, free_port_overrides  # noqa: E402
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -54,9 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    store = work / "store"
-    store.mkdir()
-    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)], check=True, capture_output=True)
+    store = default_model_store(work)
     overrides = {**free_port_overrides(), ADDRESS_PROPERTY: f"http://127.0.0.1:{free_port()}"}
     server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=overrides)
     load = os.getloadavg()[0]

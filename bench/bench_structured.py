@@ -20,7 +20,6 @@ import datetime
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import DEFAULT_PROMPTS, LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from bench.bench_run import commit, default_model_store  # noqa: E402
 from chatstack.torchserve_process import TorchServeProcess, free_port_overrides  # noqa: E402
 
 SCHEMA = {"type": "object",
@@ -69,11 +69,6 @@ def specs(url: str, key: str, streams: int, max_tokens: int, constrained: int) -
     return out
 
 
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=8)
@@ -81,9 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-structured-"))
-    store = work / "store"
-    store.mkdir()
-    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store)], check=True, capture_output=True)
+    store = default_model_store(work)
     server = TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=free_port_overrides())
     server.start()
     load = os.getloadavg()[0]

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import LoadSpec, endpoint, run_load, summarize  # noqa: E402
+from bench.bench_run import commit  # noqa: E402
 from chatstack.torchserve_process import TorchServeProcess, free_port_overrides  # noqa: E402
 
 SAMPLING = {"temperature": 0, "repeat_penalty": 1.0, "ignore_eos": True}
@@ -69,11 +70,6 @@ def measure(server: TorchServeProcess, model: str, streams: int, max_tokens: int
     total = sum(used.values()) or 1.0
     summary["cpu_split"] = sorted((round(100 * u / total) for u in used.values()), reverse=True)
     return summary
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def render(rows: list[dict], args, load: tuple[float, float]) -> str:
