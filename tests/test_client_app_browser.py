@@ -212,6 +212,7 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
     assert answer_settles_to(page, answer) == answer
 
     page.get_by_text("Settings").click()
+    page.get_by_label("Max answer tokens").scroll_into_view_if_needed()  # the sidebar is longer than the window
     expect(page.get_by_label("Max answer tokens")).to_be_in_viewport()
     page.wait_for_timeout(500)  # let the expander finish opening
     screenshot(page, "settings")
