@@ -19,7 +19,7 @@ from chatstack.chat_settings import (
     LIMITS, SETTING_NAMES, ChatSettings, continue_messages, needs_answer, request_messages,
 )
 from chatstack.client_state import ClientState
-from chatstack.conversations import ConversationStore, Message, default_db_path
+from chatstack.conversations import Message, default_db_path
 from chatstack.people import LOCAL_USER, display_name, providers, sign_in_configured, user_id
 from chatstack.reply_stream import Answer
 from chatstack.server_health import LOADING, READY, Health, check_health, worker_failure
@@ -27,6 +27,7 @@ from chatstack.server_settings import ServerSettings, available_models
 from chatstack.summarise import summarise_and_continue
 from chatstack.torchserve_client import TorchServeError
 from chatstack.worker_failures import WorkerFailure
+from client_pages.page_setup import open_store, streamlit_secrets
 
 if (Path(__file__).parent / "message_view.py").exists():
     from client_pages.message_view import show_assistant_message
@@ -36,18 +37,6 @@ else:  # until the message view exists: the text alone
 
 
 BLANKED_CHILDREN = 8  # more than a drawn answer has elements (text, reasoning, tool calls, caption, controls)
-
-
-def streamlit_secrets() -> dict:
-    try:
-        return dict(st.secrets)
-    except FileNotFoundError:  # no secrets.toml: environment variables only
-        return {}
-
-
-@st.cache_resource
-def open_store(path: str) -> ConversationStore:
-    return ConversationStore(path)
 
 
 @st.cache_data(ttl=30, show_spinner=False)
