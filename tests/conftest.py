@@ -6,9 +6,11 @@ import shutil
 import tempfile
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,6 +29,31 @@ def package(*args, store: Path, check=True, **kw) -> subprocess.CompletedProcess
         raise AssertionError(f"package_llama.sh {' '.join(map(str, args))} failed ({done.returncode}):\n"
                              f"{done.stdout}\n{done.stderr}")
     return done
+
+
+def start_streamlit(script: str, env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`streamlit run script` headless on 127.0.0.1 and a free port, with `env` as its whole
+    environment; returns the process and its URL (ending in /) once it answers its health check."""
+    port = free_port()
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / script), "--server.headless=true",
+         f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
+         "--server.fileWatcherType=none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()   # the child holds its own copy
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(url + "_stcore/health", timeout=2).ok:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"streamlit run {script} did not start:\n{log_path.read_text()}")
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

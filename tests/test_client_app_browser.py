@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from chatstack.conversations import LOCAL_USER as U, ConversationStore
@@ -24,7 +22,7 @@ from chatstack.model_archive import ModelSettings
 from chatstack.model_registry import swap_settings
 from chatstack.torchserve_client import Keys
 from chatstack.usage import Usage
-from conftest import ROOT, free_port, start_server
+from conftest import ROOT, free_port, start_server, start_streamlit
 
 SCREENSHOTS = ROOT / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -50,28 +48,13 @@ def start_app(tmp_path):
     processes = []
 
     def start(db_path, **env) -> str:
-        port = free_port()
         clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHSERVE_", "CHAT_", "CHATSTACK_"))}
         # An empty run folder unless the test names one: a TorchServe this checkout started stays out of it.
         env = {"CHAT_DB_PATH": str(db_path), "CHATSTACK_RUN_DIR": str(tmp_path / "no_run"), **env}
-        log = open(tmp_path / f"streamlit-{port}.log", "wb")
-        process = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / "client_app.py"),
-             "--server.headless=true", f"--server.port={port}", "--server.address=127.0.0.1",
-             "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"],
-            cwd=ROOT, env={**clean_env, **env}, stdout=log, stderr=subprocess.STDOUT)
+        process, url = start_streamlit("client_app.py", {**clean_env, **env},
+                                       tmp_path / f"streamlit-{len(processes)}.log")
         processes.append(process)
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "_stcore/health", timeout=1).text == "ok":
-                    return url
-            except requests.RequestException:
-                pass
-            assert process.poll() is None, (tmp_path / f"streamlit-{port}.log").read_text()
-            time.sleep(0.3)
-        raise AssertionError("streamlit did not start within 60 s")
+        return url
 
     yield start
     for process in processes:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import threading
 import time
 
 import pytest
-import requests
 from playwright.sync_api import expect, sync_playwright
 
 from chatstack.batch_tuning import VERSION_PREFIX, latest_run, results_folder
 from chatstack.console_config import ConsoleConfig
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_streamlit
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -56,27 +54,11 @@ def server(console_env):
 
 @pytest.fixture(scope="module")
 def console_url(console_env, server, session_dir):
-    port = free_port()
-    log = open(session_dir / "measure_streamlit.log", "wb")
-    app = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "streamlit"), "run", str(ROOT / "server_app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env={**os.environ, **console_env}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/_stcore/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert app.poll() is None and time.monotonic() < deadline, (session_dir / "measure_streamlit.log").read_text()
-        time.sleep(0.3)
+    app, url = start_streamlit("server_app.py", {**os.environ, **console_env}, session_dir / "measure_streamlit.log")
+    url = url.rstrip("/")
     yield url
     app.terminate()
     app.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
