@@ -195,8 +195,18 @@ def test_chat_streams_survives_reload_and_keeps_conversations_apart(browser: Bro
     assert answer_settles_to(page, answer) == answer
 
     page.get_by_text("Settings").click()
-    page.get_by_label("Max answer tokens").scroll_into_view_if_needed()  # the sidebar is longer than the window
-    expect(page.get_by_label("Max answer tokens")).to_be_in_viewport()
+    max_tokens = page.get_by_label("Max answer tokens")
+    expect(max_tokens).to_be_visible(timeout=30_000)
+    # The sidebar is longer than the window; a rerun of the page (slow on a busy machine) can
+    # scroll it back while the expander opens, so scroll until the field stays in view.
+    deadline = time.monotonic() + 30
+    while True:
+        max_tokens.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        box, height = max_tokens.bounding_box(), page.viewport_size["height"]
+        if box and 0 <= box["y"] and box["y"] + box["height"] <= height or time.monotonic() > deadline:
+            break
+    expect(max_tokens).to_be_in_viewport()
     page.wait_for_timeout(500)  # let the expander finish opening
     screenshot(page, "settings")
 
