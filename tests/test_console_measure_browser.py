@@ -130,7 +130,7 @@ def test_capacity_view_shows_a_generating_slot_while_a_chat_streams(page, server
     panel = open_page(page, "Status")
     # The view refreshes itself (15 s by default); the slot table names each slot's state.
     expect(panel.get_by_text("generating", exact=True).first).to_be_visible(timeout=SLOW_MS)
-    expect(panel.get_by_text(re.compile(r": 1 generating"))).to_be_visible()
+    expect(panel.get_by_text(re.compile(r": 1 generating")).first).to_be_visible()
     shoot(page, "capacity")
     chat.stop()   # long enough to be seen on a busy machine; no need to wait for its end
     assert chat.error is None
@@ -141,7 +141,7 @@ def test_latency_view_charts_percentiles_of_known_chats(page, server):
     for _ in range(3):
         client.chat("llama", [{"role": "user", "content": "Name a fruit."}], max_tokens=12)
     panel = open_page(page, "Metrics")
-    expect(panel.get_by_text("TTFT p50 / p95 (ms)")).to_be_visible()
+    expect(panel.get_by_text("TTFT p50 / p95 (ms)").first).to_be_visible()
     # The console samples /metrics every 5 s: the chats show within a sample or two.
     expect(panel.get_by_test_id("stMetricValue").filter(has_text=re.compile(r"^[\d,]+ / [\d,]+$")).first) \
         .to_be_visible(timeout=SLOW_MS)
@@ -164,7 +164,7 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     chat.wait_for_tokens()
     page.wait_for_timeout(1500)   # the handler reports its slots at most once a second
     panel = open_page(page, "Tuning")
-    expect(panel.get_by_text(re.compile(r"chat\(s\) are in flight on llama now"))).to_be_visible()
+    expect(panel.get_by_text(re.compile(r"chat\(s\) are in flight on llama now")).first).to_be_visible()
     expect(panel.get_by_role("button", name="Start tuning")).to_be_disabled()
     chat.thread.join(timeout=300)
     assert chat.error is None and chat.finish_reason == "length"
@@ -175,12 +175,12 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     # About a minute on this machine alone; the limit leaves room for other test runs sharing its two cores.
     panel.get_by_role("spinbutton", name="Time limit per load (s)").fill("90")
     panel.get_by_role("spinbutton", name="Time limit per load (s)").press("Enter")
-    expect(panel.get_by_text(re.compile(r"2 setting\(s\) × 2 load\(s\): about .*, at most"))).to_be_visible()
+    expect(panel.get_by_text(re.compile(r"2 setting\(s\) × 2 load\(s\): about .*, at most")).first).to_be_visible()
     expect(panel.get_by_text(re.compile(r"are in flight on llama now"))).to_have_count(0)   # the chat is over
     panel.get_by_role("button", name="Start tuning").click()
     expect(panel.get_by_test_id("stProgress")).to_be_visible()
     started = time.monotonic()
-    expect(panel.get_by_text("Last run")).to_be_visible(timeout=TUNE_MS)
+    expect(panel.get_by_text("Last run").first).to_be_visible(timeout=TUNE_MS)
     print(f"the tune took {time.monotonic() - started:.0f} s")
 
     # Saved as JSON and CSV in the run folder, and shown again after a reload.
@@ -193,13 +193,13 @@ def test_a_short_tune_charts_its_settings_and_applies_the_recommendation_while_a
     assert all(r.ok == r.requests == r.concurrency and r.tokens_per_s > 0 for r in run.rows), run.rows
     page.reload()
     panel = page.get_by_test_id("stMain")
-    expect(panel.get_by_text("Last run")).to_be_visible()
+    expect(panel.get_by_text("Last run").first).to_be_visible()
     panel.get_by_role("spinbutton", name="TTFT limit (p95, s)").fill("30")
     panel.get_by_role("spinbutton", name="TTFT limit (p95, s)").press("Enter")
     expect(panel.get_by_test_id("stVegaLiteChart")).to_have_count(2)
     table = panel.get_by_test_id("stDataFrame").last
     expect(table).to_be_visible()
-    expect(panel.get_by_text(re.compile("Recommended for TTFT p95"))).to_be_visible()
+    expect(panel.get_by_text(re.compile("Recommended for TTFT p95")).first).to_be_visible()
     shoot(page, "tune", height=2600)
 
     # The candidates are gone: registered versions and archive copies.
