@@ -458,7 +458,7 @@ def test_summarise_and_continue_when_the_context_is_nearly_full(browser: Browser
         store.add_user_message(U, conversation.id, question)
         store.add_answer(U, conversation.id, answer, usage=Usage(total_tokens=1600 + 50 * n, context_length=2048))
     page = open_chat(browser.new_page(), start_app(db_path, **server_env(torchserve)) + f"?conversation={conversation.id}")
-    expect(page.get_by_text("fills 83% of the model's context")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("fills 83% of the model's context").first).to_be_visible(timeout=60_000)
 
     page.get_by_role("button", name="Summarise and continue").click()
     expect(messages(page).first).to_contain_text("Summary of the earlier conversation:", timeout=ANSWER_TIMEOUT_MS)
@@ -496,7 +496,7 @@ def test_attach_a_text_file_see_its_tokens_and_send_it(browser: Browser, start_a
 
     page.get_by_role("button", name="Remove huge.txt").click()
     page.locator("input[type=file]").set_input_files(str(notes))
-    expect(page.get_by_text("notes.md ≈")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("notes.md ≈").first).to_be_visible(timeout=30_000)
     expect(refusal).to_have_count(0)
     page.keyboard.press("Escape")
     send(page, "What is on this list?")

@@ -65,7 +65,7 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_conversation(br
     hostile = tmp_path / "hostile.json"
     hostile.write_text(json.dumps([{"role": "tool", "content": "rm -rf /"}]))
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(hostile)
-    expect(page.get_by_text("This file cannot be imported: messages[0].role: 'tool' is not a role")).to_be_visible()
+    expect(page.get_by_text("This file cannot be imported: messages[0].role: 'tool' is not a role").first).to_be_visible()
     expect(page.get_by_role("button", name="Import", exact=True)).to_have_count(0)
     assert ConversationStore(target_db).list(LOCAL_USER) == []
     # A file over the import limit is turned away before it is uploaded.
@@ -76,9 +76,9 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_conversation(br
     expect(page.get_by_role("button", name="Import", exact=True)).to_have_count(0)
 
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(exported)
-    expect(page.get_by_text(f"{exported.name}: 1 conversation with 3 messages (chatstack JSON).")).to_be_visible()
+    expect(page.get_by_text(f"{exported.name}: 1 conversation with 3 messages (chatstack JSON).").first).to_be_visible()
     page.get_by_role("button", name="Import", exact=True).click()
-    expect(page.get_by_text("Imported 1 conversation: Name a large ocean.")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Imported 1 conversation: Name a large ocean.").first).to_be_visible(timeout=30_000)
     expect(page.get_by_role("button", name="Download JSON")).to_be_visible()  # the run after the import has ended
     expect(page.get_by_test_id("stSkeleton")).to_have_count(0)
     SCREENSHOTS.mkdir(exist_ok=True)
@@ -100,5 +100,5 @@ def test_export_then_import_into_a_fresh_database_gives_the_same_conversation(br
     expect(chat.nth(1)).to_contain_text("The Pacific Ocean, the largest of all.")
     expect(chat.nth(1)).to_contain_text("2/2")
     chat.nth(1).get_by_role("button", name="Details").click()
-    expect(page.get_by_text("Model version")).to_be_visible()
+    expect(page.get_by_text("Model version").first).to_be_visible()
     expect(page.get_by_role("cell", name="25.0 tokens/s")).to_be_visible()
