@@ -11,7 +11,7 @@ or sampled with the chat defaults (bench/loadgen.py SAMPLED: temperature 0.7, to
 0.95, top-k 40, min-p 0.05, repeat penalty 1.1), a seed per sequence.
 
 Prints tokens/s and where one step's time goes: `llama_decode`, the token choice
-(`Engine._choose_token`: the sampler chain or the argmax) and the rest (Python: the
+(`Engine._choose_tokens`: the sampler chain or the argmax) and the rest (Python: the
 batch, detokenizing, stop strings, updates).
 """
 
@@ -45,7 +45,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
     """N sequences prefilled, then stepped until each has `tokens` tokens; only the decode steps are timed."""
     decode_s, choose_s = [0.0], [0.0]
     real_decode = llama_cpp.llama_decode
-    real_choose = engine._choose_token
+    real_choose = engine._choose_tokens
 
     def timed_decode(ctx, batch):
         t = time.perf_counter()
@@ -67,7 +67,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
     while engine.waiting or any(s.active and s.active.pending_prompt for s in engine.slots):
         engine.step()   # prefill, not timed
     llama_engine.llama_cpp.llama_decode = timed_decode
-    engine._choose_token = timed_choose
+    engine._choose_tokens = timed_choose
     try:
         generated, steps, start = engine.stats.tokens_generated, 0, time.perf_counter()
         while engine.is_busy():
@@ -76,7 +76,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
         wall = time.perf_counter() - start
     finally:
         llama_engine.llama_cpp.llama_decode = real_decode
-        del engine._choose_token
+        del engine._choose_tokens
     done = engine.stats.tokens_generated - generated
     step_ms = 1000 * wall / steps
     decode_ms, choose_ms = 1000 * decode_s[0] / steps, 1000 * choose_s[0] / steps

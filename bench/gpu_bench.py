@@ -3,11 +3,13 @@
 raw:          handler/llama_engine.py's Engine driven directly in this process (one llama_context
               with the served model's slots, context and flash-attention settings; N sequences
               submitted at once and stepped until done). Each step is split into llama_decode,
-              the token choice (Engine._choose_token) and the rest (Python).
+              the token choice (Engine._choose_tokens) and the rest (Python).
 raw variants: `backend-topk`: llama.cpp's backend sampling picks each sequence's top K logits on
               the GPU (a top-k sampler attached to every slot), the engine runs the request's chain
               on those K (the same tokens as the CPU path, checked); `backend-chain`: the request's
-              whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU.
+              whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU;
+              `one-choice-thread`: the CPU token choice in the decoding thread alone (choice_threads 1;
+              the `cpu` rows spread it over the handler's choice_threads).
 torchserve:   TorchServe started with the project's config.properties (free ports) through
               chatstack.TorchServeProcess (so with torchserve_fix), the model packed by
               package_llama.sh (--no-embed) with model-config.yaml plus GPU settings, driven by
@@ -64,7 +66,7 @@ def gpu_memory_mib() -> float | None:
 
 class BackendSampling:
     """Attach llama.cpp backend samplers to an engine's context (a bench-only experiment: the
-    engine's _choose_token reads whatever the backend left, candidates or a token)."""
+    engine's _choose_tokens reads whatever the backend left, candidates or a token)."""
 
     def __init__(self, engine, mode: str, top_k: int):
         import llama_cpp
@@ -129,7 +131,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     prompter = ChatPrompter(eng.metadata.get("tokenizer.chat_template"), eng.bos_text, eng.eos_text,
                             lambda t: eng.tokenize(t, add_special=False, parse_special=True))
     prompts = [prompter.tokens([{"role": "user", "content": p}]) for p in DEFAULT_PROMPTS]
-    real_decode, real_choose = llama_cpp.llama_decode, eng._choose_token
+    real_decode, real_choose = llama_cpp.llama_decode, eng._choose_tokens
     spent = {"decode": 0.0, "choose": 0.0}
 
     def timed_decode(ctx, batch):
@@ -153,7 +155,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
             backend.admit()
         spent.update(decode=0.0, choose=0.0)
         llama_engine.llama_cpp.llama_decode = timed_decode
-        eng._choose_token = timed_choose
+        eng._choose_tokens = timed_choose
         texts, done, steps = {}, {}, 0
         t_start = time.monotonic()
         try:
@@ -165,7 +167,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
                 steps += 1
         finally:
             llama_engine.llama_cpp.llama_decode = real_decode
-            del eng._choose_token
+            del eng._choose_tokens
         wall = time.monotonic() - t_start
         tokens = sum(u.completion_tokens for u in done.values())
         ttfts = [u.time_to_first_token for u in done.values() if u.time_to_first_token is not None]
@@ -183,7 +185,8 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     out: dict = {}
     try:
         for variant in ["cpu", *variants]:
-            backend = None if variant == "cpu" else BackendSampling(eng, variant, backend_top_k)
+            backend = None if variant in ("cpu", "one-choice-thread") else BackendSampling(eng, variant, backend_top_k)
+            eng.choice_threads = 1 if variant == "one-choice-thread" else cfg.choice_threads
             try:
                 eng.clear_cache()
                 one_run(min(4, n_slots), warmup_tokens, samplings[0], backend)   # kernels, graphs, allocations
@@ -383,20 +386,20 @@ def tables(report: dict) -> str:
     # where one step's time goes
     prof = ["", "Where one decode step's time goes (ms; raw engine, all streams generating; TorchServe: wall / "
                 "decode steps, the difference is the round trip through TorchServe and HTTP):", "",
-            "| path | sampling | streams | step | llama_decode | token choice | rest (Python) | TorchServe step |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "| path | sampling | streams | raw tok/s | step | llama_decode | token choice | rest (Python) | TorchServe step |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, by_s in raw.items():
         if variant == "failed":
             continue
         for s, by_n in by_s.items():
             for n, r in by_n.items():
                 t = (main or {}).get(s, {}).get(n, {}) if variant == "cpu" else {}
-                prof.append(f"| {variant} | {s} | {n} | {r['step_ms']:.2f} | {r['decode_ms']:.2f} | "
+                prof.append(f"| {variant} | {s} | {n} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | {r['decode_ms']:.2f} | "
                             f"{r['choose_ms']:.2f} | {r['other_ms']:.2f} | {_f(t.get('step_ms'), '.2f')} |")
     out += prof
     # same tokens?
     checks = []
-    for variant in ("backend-topk", "backend-chain"):
+    for variant in ("backend-topk", "backend-chain", "one-choice-thread"):
         for s, by_n in raw.get(variant, {}).items():
             for n, r in by_n.items():
                 ref = cpu.get(s, {}).get(n, {}).get("texts_sha256")
@@ -447,7 +450,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
     p.add_argument("--variants", default="", help="raw engine variants beside the CPU token choice: "
-                   "backend-topk, backend-chain (comma-separated)")
+                   "backend-topk, backend-chain, one-choice-thread (comma-separated)")
     p.add_argument("--backend-top-k", type=int, default=128, help="candidates the backend keeps (backend-topk)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--n-slots", type=int, default=0, help="sequence slots in all (0: max streams)")

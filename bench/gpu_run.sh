@@ -9,6 +9,9 @@
 #                            missing, run bench/gpu_bench.py; results in $OUT (table.md, results.json,
 #                            logs.txt, gpu.txt: 4 files, no folders)
 #   bench/gpu_run.sh all     build and bench (no tiny check); the build comes back if the files fit
+#   bench/gpu_run.sh raw     the raw-engine rows only (no TorchServe, no Java, no llama-server), from a carried
+#                            build: needs only .gpu_carry/llamapkg and, of run/, wheels/, gguf-py.tar.xz and
+#                            tokenizer.json.xz (about 28 MiB; the quickest rerun of the sampling rows)
 #
 # Everything it needs travels in .gpu_carry/, which bench/gpu_carry.sh assembles on a machine with network
 # (see its header and docs/gpu.md). Settings (environment): STREAMS (1,8,32), SAMPLING (greedy,sampled),
@@ -52,11 +55,17 @@ probe() {
   echo "cores $(nproc); $(free -g | awk '/Mem/{print "RAM " $2 " GiB"}'); /tmp: $(df -h /tmp | tail -1 | awk '{print $4 " free"}')"
 }
 
+setup_python() {
+  [ -f "$W/python.done" ] && return
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$C"/run/wheels/*.whl || die "pip install of the carried wheels failed"
+  touch "$W/python.done"
+}
+
 setup() {
   if [ ! -f "$W/setup.done" ]; then
     log "setup: Python packages, TorchServe (its jar rebuilt byte for byte), torchserve_fix, Java"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "$C"/run/wheels/*.whl || die "pip install of the carried wheels failed"
+    setup_python
     tar -xJf "$C/run/tspkg.tar.xz" -C "$SITE" || die "no $C/run/tspkg.tar.xz"
     python3 bench/jar_repack.py unpack "$C/run/model-server.jar.xz" "$SITE/ts/frontend/model-server.jar" \
       || die "could not rebuild model-server.jar"
@@ -224,7 +233,7 @@ bench() {
   log "benchmark: streams $STREAMS, sampling $SAMPLING, variants $VARIANTS, max_tokens $MAX_TOKENS, step budgets $BUDGETS ms, workers $WORKERS"
   python3 bench/gpu_bench.py --gguf "$GGUF" --streams "$STREAMS" --sampling "$SAMPLING" --variants "$VARIANTS" \
     --max-tokens "$MAX_TOKENS" --step-budget-ms "$BUDGETS" --workers "$WORKERS" --worker-streams "$WORKER_STREAMS" \
-    --served-threads "$SERVED_THREADS" ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
+    --served-threads "$SERVED_THREADS" ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} ${SKIP_SERVED:+--skip-served} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
     | grep -vE '^llama_|^load|^print_info|^ggml_' | tee "$W/bench.log"
   cat "$W/bench.log" >> "$W/results/logs.txt"
   cp "$W/results/table.md" "$W/results/results.json" "$W/results/logs.txt" "$OUT/" 2>/dev/null
@@ -233,9 +242,11 @@ bench() {
 }
 
 probe
-setup
-worker_preload
+if [ "$MODE" = raw ]; then setup_python; else setup; worker_preload; fi
 case "$MODE" in
+  raw)
+    build
+    SKIP_SERVED=1 LLAMA_SERVER_BIN= bench ;;
   build)   # the GGUF is written while llama.cpp compiles and quantized while the tiny check runs
     write_f16 > "$W/f16.log" 2>&1 &
     f16=$!
@@ -258,6 +269,6 @@ case "$MODE" in
     wait $f16; cat "$W/f16.log"
     bench
     return_package ;;
-  *) die "mode: build | bench | all" ;;
+  *) die "mode: build | bench | all | raw" ;;
 esac
 log done

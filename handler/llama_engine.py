@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fast_sampling
@@ -58,6 +59,7 @@ class EngineConfig:
     n_batch: int                     # most tokens in one llama_decode call
     prefill_chunk: int               # most prompt tokens one sequence adds per step
     n_threads: int                   # CPU threads of llama.cpp
+    choice_threads: int              # threads choosing the next tokens after a decode (1: the decoding thread alone)
     n_gpu_layers: int                # layers offloaded to a GPU (0 = CPU only)
     main_gpu: int                    # GPU used when offloading
     split_mode: int                  # 0: the whole model on main_gpu; 1: layers spread over all GPUs; 2: rows
@@ -66,7 +68,7 @@ class EngineConfig:
     cache_answers: bool              # keep an answer's KV for the next turn; off: prefill in aligned chunks
 
     def __post_init__(self):
-        for name in ("n_slots", "n_ctx_per_slot", "n_batch", "prefill_chunk", "n_threads"):
+        for name in ("n_slots", "n_ctx_per_slot", "n_batch", "prefill_chunk", "n_threads", "choice_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_slots > self.n_batch:
@@ -325,6 +327,17 @@ def _choosing_chain(p: SamplingParams, chain=None):
     return chain
 
 
+def _choose_from_logits(group) -> list[tuple[int, int]]:
+    """(position, token) for each (position, request, its logits) of `group`."""
+    chosen = []
+    for i, active, logits in group:
+        if active.sampler is None:
+            chosen.append((i, int(logits.argmax())))
+        else:
+            chosen.append((i, fast_sampling.choose(active.sampler, active.request.sampling, active.n_generated, logits)))
+    return chosen
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -394,6 +407,11 @@ class Engine:
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self.stats = EngineStats(slots_total=config.n_slots)
+        # Choosing a token from a large vocabulary is numpy and llama.cpp sampler calls that release
+        # the GIL, and each sequence has its own chain: several sequences' choices can run at once.
+        self.choice_threads = config.choice_threads   # a bench may lower it to compare (never above the config)
+        self._choice_pool = (ThreadPoolExecutor(config.choice_threads - 1, thread_name_prefix="token-choice")
+                             if config.choice_threads > 1 else None)
         self._publish_gauges()
         self.metadata = self.model.metadata()
 
@@ -485,10 +503,12 @@ class Engine:
                 self._forget_cache(slot)
             self._publish_gauges()
             return updates
-        for slot, added, logits_index in plan:
+        for slot, added, _ in plan:
             slot.cached.extend(added)
-            if logits_index is not None:
-                self._sample(slot, logits_index, updates)
+        picks = [(slot, logits_index) for slot, _, logits_index in plan if logits_index is not None]
+        tokens = self._choose_tokens([(slot.active, logits_index) for slot, logits_index in picks])
+        for (slot, logits_index), token in zip(picks, tokens):
+            self._take_token(slot, token, logits_index, updates)
         self._publish_gauges()
         return updates
 
@@ -635,9 +655,9 @@ class Engine:
         b.n_tokens = n
         return plan
 
-    def _sample(self, slot: _Slot, logits_index: int, updates):
+    def _take_token(self, slot: _Slot, token: int, logits_index: int, updates):
+        """The chosen token joins the answer, or ends it."""
         active = slot.active
-        token = self._choose_token(active, logits_index)
         first = active.first_token_at is None
         if first:
             active.first_token_at = time.monotonic()
@@ -662,24 +682,41 @@ class Engine:
         active.next_token = token
         updates[active.id] = self._update(active, text, first_token=first)
 
-    def _choose_token(self, active: _Active, logits_index: int) -> int:
-        """The next token of one sequence, from the logits at `logits_index` of the last decode:
-        plain greedy takes the argmax; a chain that only the top of the logits can satisfy runs
-        over those few candidates (fast_sampling: the same token for the same seed); any other
-        chain (a grammar, a logit bias, no top-k) sees the whole vocabulary. Where a llama.cpp
-        backend sampler ran for the sequence, its token or candidates are used instead."""
-        sampling = active.request.sampling
-        # every token chosen so far was accepted into the chain, and each but an end counted in n_generated
-        token = fast_sampling.backend_choice(self.ctx, logits_index, active.sampler, sampling, active.n_generated)
-        if token is not None:
-            return token
-        if active.sampler is None:
+    # Fewer sequences than this choose their tokens in the decoding thread: handing work to
+    # another thread costs more than one choice (tens of microseconds).
+    MIN_PARALLEL_CHOICES = 4
+
+    def _choose_tokens(self, picks: list[tuple[_Active, int]]) -> list[int]:
+        """The next token of each (request, logits index of the last decode): plain greedy takes
+        the argmax; a chain that only the top of the logits can satisfy runs over those few
+        candidates (fast_sampling: the same token for the same seed); any other chain (a grammar,
+        a logit bias, no top-k) sees the whole vocabulary. Where a llama.cpp backend sampler ran
+        for the sequence, its token or candidates are used instead.
+
+        What reads the context runs here; the argmaxes and candidate chains, which read only
+        their sequence's logits and chain, are spread over `choice_threads` threads when there
+        are enough of them (the decode is over, so the cores are free)."""
+        tokens: list[int | None] = [None] * len(picks)
+        from_logits = []   # (position, request, its logits)
+        for i, (active, logits_index) in enumerate(picks):
+            sampling = active.request.sampling
+            # every token chosen so far was accepted into the chain, and each but an end counted in n_generated
+            token = fast_sampling.backend_choice(self.ctx, logits_index, active.sampler, sampling, active.n_generated)
+            if token is None and active.sampler is not None and \
+                    fast_sampling.candidates_needed(sampling, active.n_generated) is None:
+                token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+            if token is not None:
+                tokens[i] = token
+                continue
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-            return int(logits.argmax())
-        if fast_sampling.candidates_needed(sampling, active.n_generated) is None:
-            return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-        return fast_sampling.choose(active.sampler, sampling, active.n_generated, logits)
+            from_logits.append((i, active, logits))
+        n_groups = min(self.choice_threads, len(from_logits) // self.MIN_PARALLEL_CHOICES) or 1
+        groups = [from_logits[k::n_groups] for k in range(n_groups)]
+        others = [self._choice_pool.submit(_choose_from_logits, group) for group in groups[1:]]
+        for chosen in [_choose_from_logits(groups[0]), *(f.result() for f in others)]:
+            for i, token in chosen:
+                tokens[i] = token
+        return tokens
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """The token's logprob and the n_top most likely at its position, from the raw logits."""
@@ -752,6 +789,8 @@ class Engine:
         stats.requests_waiting = len(self.waiting)
 
     def close(self):
+        if self._choice_pool is not None:
+            self._choice_pool.shutdown()
         for active in list(self.by_id.values()):
             active.close()
         self.by_id.clear()
