@@ -8,8 +8,8 @@ raw variants: `backend-topk`: llama.cpp's backend sampling picks each sequence's
               the GPU (a top-k sampler attached to every slot), the engine runs the request's chain
               on those K (the same tokens as the CPU path, checked); `backend-chain`: the request's
               whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU;
-              `one-choice-thread`: the CPU token choice in the decoding thread alone (choice_threads 1;
-              the `cpu` rows spread it over the handler's choice_threads).
+              `choice-threads`: the CPU token choice spread over CHOICE_THREADS threads (the handler's
+              choice_threads; the `cpu` rows use its default, 1).
 torchserve:   TorchServe started with the project's config.properties (free ports) through
               chatstack.TorchServeProcess (so with torchserve_fix), the model packed by
               package_llama.sh (--no-embed) with model-config.yaml plus GPU settings, driven by
@@ -113,6 +113,9 @@ class BackendSampling:
         self.owned.clear()
 
 
+CHOICE_THREADS = 8   # the choice-threads variant (a GPU host's cores idle while it decodes)
+
+
 def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: list[str], max_tokens: int,
               n_slots: int, n_ctx: int, n_gpu_layers: int, n_batch: int, flash_attn: bool, backend_top_k: int,
               warmup_tokens: int = 16) -> dict:
@@ -123,7 +126,8 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     from llama_settings import HandlerSettings, engine_config
 
     settings = HandlerSettings(n_ctx=n_ctx, n_slots=n_slots, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
-                               flash_attn=flash_attn, max_tokens=min(512, n_ctx - 1))
+                               flash_attn=flash_attn, max_tokens=min(512, n_ctx - 1),
+                               choice_threads=CHOICE_THREADS if "choice-threads" in variants else 1)
     cfg = engine_config(settings, batch_size=n_slots, n_workers=1, gpu_id=None)
     t0 = time.monotonic()
     eng = Engine(gguf, cfg)
@@ -185,8 +189,8 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     out: dict = {}
     try:
         for variant in ["cpu", *variants]:
-            backend = None if variant in ("cpu", "one-choice-thread") else BackendSampling(eng, variant, backend_top_k)
-            eng.choice_threads = 1 if variant == "one-choice-thread" else cfg.choice_threads
+            backend = None if variant in ("cpu", "choice-threads") else BackendSampling(eng, variant, backend_top_k)
+            eng.choice_threads = cfg.choice_threads if variant == "choice-threads" else 1
             try:
                 eng.clear_cache()
                 one_run(min(4, n_slots), warmup_tokens, samplings[0], backend)   # kernels, graphs, allocations
@@ -399,7 +403,7 @@ def tables(report: dict) -> str:
     out += prof
     # same tokens?
     checks = []
-    for variant in ("backend-topk", "backend-chain", "one-choice-thread"):
+    for variant in ("backend-topk", "backend-chain", "choice-threads"):
         for s, by_n in raw.get(variant, {}).items():
             for n, r in by_n.items():
                 ref = cpu.get(s, {}).get(n, {}).get("texts_sha256")
@@ -450,7 +454,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
     p.add_argument("--variants", default="", help="raw engine variants beside the CPU token choice: "
-                   "backend-topk, backend-chain, one-choice-thread (comma-separated)")
+                   "backend-topk, backend-chain, choice-threads (comma-separated)")
     p.add_argument("--backend-top-k", type=int, default=128, help="candidates the backend keeps (backend-topk)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--n-slots", type=int, default=0, help="sequence slots in all (0: max streams)")

@@ -409,6 +409,10 @@ class Engine:
         self.stats = EngineStats(slots_total=config.n_slots)
         # Choosing a token from a large vocabulary is numpy and llama.cpp sampler calls that release
         # the GIL, and each sequence has its own chain: several sequences' choices can run at once.
+        # It pays only where the cores idle between decodes: on an H200 host one thread took 4.9 ms of
+        # a 15.8 ms step for 32 sampled sequences of a 128k vocabulary (docs/gpu.md). On a CPU, llama.cpp's
+        # OpenMP threads spin-wait for the next graph, and a second choice thread made 8 sampled sequences
+        # slower on 2 cores (2.1 against 1.6 ms a step, bench/bench_engine.py --choice-threads 1,2).
         self.choice_threads = config.choice_threads   # a bench may lower it to compare (never above the config)
         self._choice_pool = (ThreadPoolExecutor(config.choice_threads - 1, thread_name_prefix="token-choice")
                              if config.choice_threads > 1 else None)

@@ -50,7 +50,7 @@ class HandlerSettings(BaseModel):
     n_ctx: PositiveInt = 2048               # context length of each chat (each slot), in tokens
     n_slots: Count = 0                      # 0: batchSize
     n_threads: Count = 0                    # 0: the worker's CPUs / max(minWorkers, maxWorkers)
-    choice_threads: Count = 0               # 0: with GPU layers n_threads (at most MAX_CHOICE_THREADS), else 1
+    choice_threads: PositiveInt = 1         # threads choosing the next tokens after a decode (llama_engine.Engine)
     n_batch: PositiveInt = 512
     prefill_chunk: PositiveInt = 256
     step_budget_ms: Annotated[float, Field(ge=0.0)] = 50.0
@@ -95,13 +95,6 @@ def _describe(exc: ValidationError) -> str:
             problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
     return "model-config.yaml: " + "; ".join(problems)
 
-
-# Choosing tokens for 32 sequences of a 128k vocabulary took 4.9-5.9 ms of a 16 ms step in one thread on
-# an H200 host, whose CPU cores idle while the GPU decodes; more threads than this only add hand-over cost
-# for the batch sizes a worker serves. Without a GPU the cores are not free between two decodes (llama.cpp's
-# threads spin-wait for the next graph), and a second choice thread made 8 sampled sequences slower on 2
-# cores (2.1 against 1.6 ms a step, bench/bench_engine.py --choice-threads 1,2), so a CPU worker keeps one.
-MAX_CHOICE_THREADS = 8
 
 # config.properties' default_response_timeout, for a model-config.yaml without responseTimeout
 DEFAULT_RESPONSE_TIMEOUT_S = 300
@@ -148,7 +141,7 @@ def engine_config(settings: HandlerSettings, batch_size: int, n_workers: int, gp
         n_batch=settings.n_batch,
         prefill_chunk=settings.prefill_chunk,
         n_threads=n_threads,
-        choice_threads=settings.choice_threads or (min(n_threads, MAX_CHOICE_THREADS) if settings.n_gpu_layers else 1),
+        choice_threads=settings.choice_threads,
         n_gpu_layers=settings.n_gpu_layers,
         main_gpu=int(gpu_id) if one_gpu_per_worker else settings.main_gpu,
         # llama.cpp only honours main_gpu with split mode "none"; otherwise it spreads layers over all GPUs.

@@ -4,6 +4,8 @@ check the choice)."""
 
 from __future__ import annotations
 
+import pytest
+
 from llama_settings import HandlerSettings, engine_config, workers_sharing_cpus
 
 
@@ -17,15 +19,14 @@ def test_threads_are_the_cores_divided_among_as_many_workers_as_the_model_may_sc
     assert engine_config(HandlerSettings(n_threads=3), batch_size=8, n_workers=4, gpu_id=None, cpus=2).n_threads == 3
 
 
-def test_token_choice_threads_follow_the_llama_threads_up_to_eight_where_a_gpu_decodes():
-    def choice_threads(settings, cpus):
-        return engine_config(settings, batch_size=8, n_workers=1, gpu_id=None, cpus=cpus).choice_threads
-    assert choice_threads(HandlerSettings(), cpus=16) == 1   # CPU decoding: the cores are busy, one thread
-    assert choice_threads(HandlerSettings(n_gpu_layers=999), cpus=2) == 2
-    assert choice_threads(HandlerSettings(n_gpu_layers=999), cpus=16) == 8
-    assert choice_threads(HandlerSettings(n_gpu_layers=999, n_threads=3), cpus=16) == 3
-    assert choice_threads(HandlerSettings(n_gpu_layers=999, choice_threads=1), cpus=16) == 1
-    assert choice_threads(HandlerSettings(choice_threads=4), cpus=2) == 4
+def test_token_choice_runs_in_the_decoding_thread_unless_the_model_config_asks_for_more():
+    def choice_threads(settings):
+        return engine_config(settings, batch_size=8, n_workers=1, gpu_id=None, cpus=16).choice_threads
+    assert choice_threads(HandlerSettings()) == 1
+    assert choice_threads(HandlerSettings(n_gpu_layers=999)) == 1
+    assert choice_threads(HandlerSettings(n_gpu_layers=999, choice_threads=8)) == 8
+    with pytest.raises(ValueError):
+        HandlerSettings(choice_threads=0)
 
 
 def test_each_worker_of_a_multi_gpu_host_is_pinned_to_the_gpu_torchserve_gave_it():
