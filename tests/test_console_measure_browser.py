@@ -39,7 +39,7 @@ def console_env(session_dir, model_store):
     store.mkdir()
     (store / "llama.mar").symlink_to(model_store / "llama.mar")
     return {"CHATSTACK_MODEL_STORE": str(store), "CHATSTACK_RUN_DIR": str(session_dir / "measure_run"),
-            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(5))}
+            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(6))}
 
 
 @pytest.fixture(scope="module")

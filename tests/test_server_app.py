@@ -18,6 +18,7 @@ from chatstack import metric_names
 from chatstack.console_auth import PASSWORD_ENV, SignIn, is_loopback, password_matches, sign_in_method
 from chatstack.console_config import ConsoleConfig
 from chatstack.console_display import format_duration, mask_key
+from chatstack.gateway_process import GatewayProcess
 from chatstack.metrics_history import MetricsHistory, MetricsSnapshot
 from chatstack.model_archive import (ArchiveError, ModelSettings, edit_model_config, list_archives, next_version,
                                      package_variant, read_archive)
@@ -32,7 +33,7 @@ APP = str(ROOT / "server_app.py")
 
 
 def console_ports() -> str:
-    return ",".join(str(free_port()) for _ in range(5))
+    return ",".join(str(free_port()) for _ in range(6))
 
 
 def open_app(page: str = "server") -> AppTest:
@@ -290,14 +291,18 @@ def test_metrics_history_derives_tokens_per_second_from_counter_deltas():
 
 def test_console_config_reads_folders_and_ports_from_the_environment():
     config = ConsoleConfig.from_env({"CHATSTACK_RUN_DIR": "/tmp/r", "CHATSTACK_MODEL_STORE": "/tmp/s",
-                                     "CHATSTACK_PORTS": "1,2,3,4,5"})
+                                     "CHATSTACK_PORTS": "1,2,3,4,5,6"})
     process = config.process()
     assert (process.run_dir, process.model_store) == (Path("/tmp/r"), Path("/tmp/s"))
     assert [process.address(k) for k in ("inference", "management", "metrics")] == [
         "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
     assert (process.props["grpc_inference_port"], process.props["grpc_management_port"]) == ("4", "5")
-    with pytest.raises(ValueError, match="CHATSTACK_PORTS"):
-        ConsoleConfig.from_env({"CHATSTACK_PORTS": "8080"})
+    assert GatewayProcess(process).base_url == "http://127.0.0.1:6/v1"   # a second console's gateway
+    five = ConsoleConfig.from_env({"CHATSTACK_PORTS": "1,2,3,4,5"}).process()
+    assert GatewayProcess(five).address == "http://127.0.0.1:8000"        # the config's, as before
+    for wrong in ("8080", "1,2,3,4", "1,2,3,4,5,6,7", "1,2,x"):
+        with pytest.raises(ValueError, match="CHATSTACK_PORTS"):
+            ConsoleConfig.from_env({"CHATSTACK_PORTS": wrong})
 
 
 def test_durations_read_like_uptimes():

@@ -37,7 +37,7 @@ def console_env(session_dir, model_store, default_gguf):
     uploads.mkdir()
     (uploads / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(8))
     return {"CHATSTACK_MODEL_STORE": str(store), "CHATSTACK_RUN_DIR": str(session_dir / "browser_run"),
-            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(5)),
+            "CHATSTACK_PORTS": ",".join(str(free_port()) for _ in range(6)),
             "CHATSTACK_MODEL_FOLDERS": f"{default_gguf.parent}:{uploads}"}
 
 
