@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import fast_sampling
@@ -717,7 +717,11 @@ class Engine:
         n_groups = min(self.choice_threads, len(from_logits) // self.MIN_PARALLEL_CHOICES) or 1
         groups = [from_logits[k::n_groups] for k in range(n_groups)]
         others = [self._choice_pool.submit(_choose_from_logits, group) for group in groups[1:]]
-        for chosen in [_choose_from_logits(groups[0]), *(f.result() for f in others)]:
+        try:
+            mine = _choose_from_logits(groups[0])
+        finally:
+            wait(others)   # even after an error: no thread may still use a chain the caller then frees
+        for chosen in [mine, *(f.result() for f in others)]:
             for i, token in chosen:
                 tokens[i] = token
         return tokens
