@@ -9,8 +9,7 @@ llama-server on the same GGUF, sends the same greedy load to each in turns, and 
 CPU time (/proc/PID/stat, children included for the worker) before and after. Prints, per server and
 streams: tok/s, CPU ms per token of each process, and the cores in use on average. `--worker-env`
 starts TorchServe (and so its workers) with that variable set. `--py-spy N` records the worker for N
-seconds at the last streams value, idle time included, into a collapsed-stack file (needs py-spy on
-PATH) and prints the top frames.
+seconds at the last streams value, idle time included, into a collapsed-stack file (needs py-spy: bench/requirements.txt) and prints the top frames.
 """
 
 from __future__ import annotations
@@ -75,7 +74,8 @@ def measure(url, key, n, max_tokens, pids: dict[str, int], sse=None, extra=None)
 
 
 def py_spy(pid: int, seconds: int, out: Path) -> None:
-    subprocess.run(["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-f", "raw", "-o", str(out),
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")   # the venv's, unactivated
+    subprocess.run([exe, "record", "-p", str(pid), "-d", str(seconds), "-f", "raw", "-o", str(out),
                     "--nonblocking", "--idle", "-r", "200"], check=False, capture_output=True)
 
 
