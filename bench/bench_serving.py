@@ -142,6 +142,13 @@ def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):
     raise RuntimeError("llama-server did not start")
 
 
+def stop_llama_server(proc) -> None:
+    """Stop what start_llama_server started (None: nothing was)."""
+    if proc:
+        proc.terminate()
+        proc.wait()
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s, with every run's figure attached."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
@@ -215,8 +222,7 @@ def main(argv=None):
             report["torchserve_turns"] = conversation_ttft(streamed_chat(url, key, sse=False))
             if lurl:
                 report["llama_server_turns"] = conversation_ttft(streamed_chat(lurl, None, sse=True))
-                llama_server.terminate()
-                llama_server.wait()
+                stop_llama_server(llama_server)
                 llama_server = None
             for n in (1, 2, 4):
                 client.scale("llama", n, n)
@@ -229,9 +235,7 @@ def main(argv=None):
                 print("single", n, round(report["single"][n]["tokens_per_s"], 1), flush=True)
             client.unregister("llama_single")
     finally:
-        if llama_server:
-            llama_server.terminate()
-            llama_server.wait()
+        stop_llama_server(llama_server)
         server.stop()
     shutil.rmtree(work, ignore_errors=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2, default=str))

@@ -6,7 +6,7 @@ llama-server, and the load generator beside them, on this machine's cores.
 
 Starts TorchServe as bench/bench_serving.py does (the default model, 16 slots, all cores) and
 llama-server on the same GGUF, sends the same greedy load to each in turns, and reads each process's
-CPU time (/proc/PID/stat, children included for the worker) before and after. Prints, per server and
+CPU time (user + system, chatstack.process_stats) before and after. Prints, per server and
 streams: tok/s, CPU ms per token of each process, and the cores in use on average. `--worker-env`
 starts TorchServe (and so its workers) with that variable set. `--py-spy N` records the worker for N
 seconds at the last streams value, idle time included, into a collapsed-stack file (needs py-spy: bench/requirements.txt) and prints the top frames.
@@ -28,46 +28,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import bench_server, load, start_llama_server  # noqa: E402
+import psutil  # noqa: E402
+
+from bench.bench_serving import bench_server, load, start_llama_server, stop_llama_server  # noqa: E402
 from bench.loadgen import endpoint  # noqa: E402
+from chatstack.process_stats import cpu_seconds  # noqa: E402
 from chatstack.torchserve_process import free_port  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
 
 def java_of(launcher: int) -> int:
     """TorchServe's Java process: `torchserve --foreground` runs it as a child."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name, rest = text.split(" (", 1)[1].rsplit(") ", 1)
-        if rest.split()[1] == str(launcher) and name == "java":
-            return int(stat.parent.name)
+    for child in psutil.Process(launcher).children():
+        if child.name() == "java":
+            return child.pid
     raise RuntimeError(f"no java child of {launcher}")
 
 
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def measure(url, key, n, max_tokens, pids: dict[str, int], sse=None, extra=None) -> dict:
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
-    client_before = own_cpu_s()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before = cpu_seconds(os.getpid())
     t = time.monotonic()
     summary = load(url, key, n, max_tokens, sse=sse, extra=extra, rounds=2)
     wall = time.monotonic() - t
     tokens = summary["completion_tokens"]
-    used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
-    used["load generator"] = own_cpu_s() - client_before
+    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    used["load generator"] = cpu_seconds(os.getpid()) - client_before
     return {"tokens_per_s": summary["tokens_per_s"], "tokens": tokens, "wall_s": wall,
             "ms_per_token": {k: 1000 * v / tokens for k, v in used.items()},
             "cores": {k: v / wall for k, v in used.items()}}
@@ -153,9 +137,7 @@ def main(argv=None):
                 for frame, share in top_frames(out):
                     print(f"{share:6.1%}  {frame}")
     finally:
-        if lsrv:
-            lsrv.terminate()
-            lsrv.wait()
+        stop_llama_server(lsrv)
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
