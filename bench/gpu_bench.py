@@ -239,8 +239,10 @@ def decode_steps(client) -> float:
 
 def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens: int, n_slots: int, n_ctx: int,
                  n_gpu_layers: int, n_batch: int, flash_attn: bool, step_budget_ms: float, workers: int,
-                 work: Path, name: str, route: str = "bare", served_threads: int = 0) -> dict:
-    """{sampling: {streams: summary}} plus the model's memory, for one TorchServe model."""
+                 work: Path, name: str, route: str = "bare", served_threads: int = 0,
+                 handler_settings: dict[str, str] | None = None) -> dict:
+    """{sampling: {streams: summary}} plus the model's memory, for one TorchServe model;
+    handler_settings: more `handler:` keys of model-config.yaml to set (a served variant)."""
     from chatstack.torchserve_process import TorchServeProcess, free_port_overrides
 
     store = work / "model_store"
@@ -249,7 +251,8 @@ def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens
                         {"n_gpu_layers": n_gpu_layers, "n_ctx": n_ctx, "max_tokens": min(512, n_ctx // 2),
                          "n_threads": served_threads,
                          "n_slots": 0, "n_batch": n_batch,
-                         "step_budget_ms": step_budget_ms, "flash_attn": str(flash_attn).lower()},
+                         "step_budget_ms": step_budget_ms, "flash_attn": str(flash_attn).lower(),
+                         **(handler_settings or {})},
                         {"batchSize": n_slots // workers, "minWorkers": workers, "maxWorkers": workers})
     subprocess.run([str(ROOT / "package_llama.sh"), "--no-embed", "--config", str(cfg), "--name", name,
                     "--model-store", str(store), gguf], check=True, capture_output=True, text=True)
@@ -259,7 +262,7 @@ def served_bench(gguf: str, streams: list[int], samplings: list[str], max_tokens
     memory_before = gpu_memory_mib()
     server.start()
     out: dict = {"workers": workers, "step_budget_ms": step_budget_ms, "slots_per_worker": n_slots // workers,
-                 "n_threads": served_threads}
+                 "n_threads": served_threads, "handler_settings": handler_settings or {}}
     try:
         client = server.client(timeout=60)
         client.register(f"{name}.mar", initial_workers=workers, timeout=600)
@@ -431,6 +434,20 @@ def tables(report: dict) -> str:
                     out.append(f"| {c.get('n_threads')} | {s} | {n} | {_f(tt)} | "
                                f"{_f(tt / rt, '.2f') if tt and rt else '-'} | {_f(t.get('ttft_p50_s'), '.3f')} | "
                                f"{_f(t.get('step_ms'), '.2f')} |")
+    # served variants: the main model against the same with some handler settings changed
+    variants = [c for c in served.values() if c.get("handler_settings")]
+    if main and variants:
+        out += ["", "TorchServe variants (one worker, the first budget; tok/s, and / the main model's):", "",
+                "| handler settings | sampling | streams | tok/s | / main | TTFT p50 (s) | TorchServe step (ms) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for c in [main, *variants]:
+            label = ", ".join(f"{k}={v}" for k, v in c["handler_settings"].items()) or "main (model-config.yaml)"
+            for s in samplings:
+                for n, t in sorted(c.get(s, {}).items()):
+                    mt = main.get(s, {}).get(n, {}).get("tokens_per_s")
+                    tt = t.get("tokens_per_s")
+                    out.append(f"| {label} | {s} | {n} | {_f(tt)} | {_f(tt / mt, '.2f') if tt and mt else '-'} | "
+                               f"{_f(t.get('ttft_p50_s'), '.3f')} | {_f(t.get('step_ms'), '.2f')} |")
     # workers (issue #16)
     configs = [c for c in served.values() if "workers" in c]
     if len({c["workers"] for c in configs}) > 1:
@@ -467,6 +484,9 @@ def main(argv=None) -> int:
                    "more than 1: greedy only, at --worker-streams")
     p.add_argument("--worker-streams", default="32,64")
     p.add_argument("--route", choices=["bare", "openai"], default="bare")
+    p.add_argument("--served-variants", default="", help="';'-separated, each a comma list of handler key=value "
+                   "(e.g. 'decode_between_calls=false;choice_threads=8'): one more TorchServe model per variant, "
+                   "the first budget, one worker, the same streams and samplings")
     p.add_argument("--served-threads", default="0", help="comma-separated handler n_threads of the served model "
                    "(0: cores / workers); each value after the first adds a TorchServe model at the first budget")
     p.add_argument("--llama-server", help="llama-server binary built from the same llama.cpp source")
@@ -509,6 +529,14 @@ def main(argv=None) -> int:
                           lambda kw=kw, b=b, t=t, name=name: served_bench(a.gguf, step_budget_ms=b, work=work,
                                                                           name=name, route=a.route, served_threads=t,
                                                                      **kw, **common)))
+        for j, variant in enumerate(v for v in a.served_variants.split(";") if v.strip()):
+            settings = dict(kv.strip().split("=", 1) for kv in variant.split(","))
+            name = f"variant{j}"
+            parts.append((f"torchserve, {variant}", name,
+                          lambda settings=settings, name=name: served_bench(
+                              a.gguf, streams=streams, samplings=samplings, workers=1, step_budget_ms=budgets[0],
+                              work=work, name=name, route=a.route, served_threads=threads[0],
+                              handler_settings=settings, **common)))
     if a.llama_server:
         parts.insert(min(1, len(parts)), ("llama-server", None, lambda: llama_server_bench(
             a.llama_server, a.gguf, streams, samplings, work=work, **common)))

@@ -21,7 +21,8 @@
 # 32,64), MAX_TOKENS (256), LLAMA_SERVER (1: the llama-server columns), CUDA_ARCH (90-real), DEADLINE_S
 # (0; else gpu_bench.py starts no server part after that many seconds), MODEL (8b; tiny: a dress rehearsal),
 # CARRIED_JAVA (1: use the carried Java runtime even where a Java 17+ exists), SERVED_THREADS (0: the handler's
-# n_threads, cores / workers; a comma list adds one TorchServe model per further value).
+# n_threads, cores / workers; a comma list adds one TorchServe model per further value), SERVED_VARIANTS (none;
+# e.g. 'decode_between_calls=false;choice_threads=8': one more TorchServe model per variant, handler keys changed).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -40,6 +41,7 @@ LLAMA_SERVER=${LLAMA_SERVER:-1}
 CUDA_ARCH=${CUDA_ARCH:-90-real}
 DEADLINE_S=${DEADLINE_S:-0}
 SERVED_THREADS=${SERVED_THREADS:-0}
+SERVED_VARIANTS=${SERVED_VARIANTS:-}
 LLAMA_VERSION=0.3.36
 SITE=$W/site
 mkdir -p "$W" "$OUT" "$SITE/bin"
@@ -234,7 +236,7 @@ bench() {
   log "benchmark: streams $STREAMS, sampling $SAMPLING, variants $VARIANTS, max_tokens $MAX_TOKENS, step budgets $BUDGETS ms, workers $WORKERS"
   python3 bench/gpu_bench.py --gguf "$GGUF" --streams "$STREAMS" --sampling "$SAMPLING" --variants "$VARIANTS" \
     --max-tokens "$MAX_TOKENS" --step-budget-ms "$BUDGETS" --workers "$WORKERS" --worker-streams "$WORKER_STREAMS" \
-    --served-threads "$SERVED_THREADS" ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} ${SKIP_SERVED:+--skip-served} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
+    --served-threads "$SERVED_THREADS" --served-variants "$SERVED_VARIANTS" ${LLAMA_SERVER_BIN:+--llama-server "$LLAMA_SERVER_BIN"} ${SKIP_SERVED:+--skip-served} --deadline-s "$DEADLINE_S" --out "$W/results" 2>&1 \
     | grep -vE '^llama_|^load|^print_info|^ggml_' | tee "$W/bench.log"
   cat "$W/bench.log" >> "$W/results/logs.txt"
   cp "$W/results/table.md" "$W/results/results.json" "$W/results/logs.txt" "$OUT/" 2>/dev/null

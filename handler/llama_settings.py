@@ -54,6 +54,7 @@ class HandlerSettings(BaseModel):
     n_batch: PositiveInt = 512
     prefill_chunk: PositiveInt = 256
     step_budget_ms: Annotated[float, Field(ge=0.0)] = 50.0
+    decode_between_calls: bool = True       # a thread keeps decoding during TorchServe's round trips (decoding_thread.py)
     max_tokens: PositiveInt = 512           # answer length when a request does not say
     request_timeout_s: Annotated[float, Field(gt=0.0)] | None = None   # None: the model's responseTimeout
     n_gpu_layers: int = 0
