@@ -11,14 +11,13 @@ or sampled with the chat defaults (bench/loadgen.py SAMPLED: temperature 0.7, to
 0.95, top-k 40, min-p 0.05, repeat penalty 1.1), a seed per sequence.
 
 Prints tokens/s and where one step's time goes: `llama_decode`, the token choice
-(`Engine._choose_tokens`: the sampler chain or the argmax) and the rest (Python: the
+(`Engine._choose_token`: the sampler chain or the argmax) and the rest (Python: the
 batch, detokenizing, stop strings, updates).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -46,7 +45,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
     """N sequences prefilled, then stepped until each has `tokens` tokens; only the decode steps are timed."""
     decode_s, choose_s = [0.0], [0.0]
     real_decode = llama_cpp.llama_decode
-    real_choose = engine._choose_tokens
+    real_choose = engine._choose_token
 
     def timed_decode(ctx, batch):
         t = time.perf_counter()
@@ -68,7 +67,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
     while engine.waiting or any(s.active and s.active.pending_prompt for s in engine.slots):
         engine.step()   # prefill, not timed
     llama_engine.llama_cpp.llama_decode = timed_decode
-    engine._choose_tokens = timed_choose
+    engine._choose_token = timed_choose
     try:
         generated, steps, start = engine.stats.tokens_generated, 0, time.perf_counter()
         while engine.is_busy():
@@ -77,7 +76,7 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
         wall = time.perf_counter() - start
     finally:
         llama_engine.llama_cpp.llama_decode = real_decode
-        del engine._choose_tokens
+        del engine._choose_token
     done = engine.stats.tokens_generated - generated
     step_ms = 1000 * wall / steps
     decode_ms, choose_ms = 1000 * decode_s[0] / steps, 1000 * choose_s[0] / steps
@@ -86,17 +85,15 @@ def steady_decode(engine: Engine, prompter: ChatPrompter, n: int, tokens: int, s
 
 
 def table(rows: list[dict]) -> str:
-    """vs greedy: against the greedy row of the same sequences and choice threads."""
     base = {r["sampling"]: r["tokens_per_s"] for r in reversed(rows)}   # each sampling's first row
-    greedy = {(r["streams"], r["choice_threads"]): r["tokens_per_s"] for r in rows if r["sampling"] == "greedy"}
-    lines = ["| sampling | sequences | choice threads | tok/s | vs greedy | step (ms) | llama_decode (ms) "
-             "| token choice (ms) | rest (ms) | vs first row |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    greedy = {r["streams"]: r["tokens_per_s"] for r in rows if r["sampling"] == "greedy"}
+    lines = ["| sampling | sequences | tok/s | vs greedy | step (ms) | llama_decode (ms) | token choice (ms) "
+             "| rest (ms) | vs first row |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        g = greedy.get((r["streams"], r["choice_threads"]))
-        vs = f"{r['tokens_per_s'] / g:.2f}x" if g else "-"
-        lines.append(f"| {r['sampling']} | {r['streams']} | {r['choice_threads']} | {r['tokens_per_s']:.1f} | {vs} | "
-                     f"{r['step_ms']:.2f} | {r['decode_ms']:.2f} | {r['choose_ms']:.2f} | {r['other_ms']:.2f} | "
+        vs = f"{r['tokens_per_s'] / greedy[r['streams']]:.2f}x" if r["streams"] in greedy else "-"
+        lines.append(f"| {r['sampling']} | {r['streams']} | {r['tokens_per_s']:.1f} | {vs} | {r['step_ms']:.2f} | "
+                     f"{r['decode_ms']:.2f} | {r['choose_ms']:.2f} | {r['other_ms']:.2f} | "
                      f"{r['tokens_per_s'] / base[r['sampling']]:.2f}x |")
     return "\n".join(lines)
 
@@ -113,17 +110,12 @@ def main(argv=None):
     parser.add_argument("--backend-top-k", type=int, default=0,
                         help="K > 0: llama.cpp's backend sampling keeps each sequence's top K logits (a top-k "
                              "sampler attached to every slot) and the engine samples among those")
-    parser.add_argument("--choice-threads", default="0",
-                        help="comma-separated token choice threads, each a row (0: the handler's default)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     streams = [int(x) for x in args.streams.split(",")]
     samplings = args.sampling.split(",")
     settings = HandlerSettings(n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, n_ctx=1024, max_tokens=512)
-    config = engine_config(settings, batch_size=max(streams), n_workers=1, gpu_id=None)
-    choice_threads = [int(x) or config.choice_threads for x in args.choice_threads.split(",")]
-    config = dataclasses.replace(config, choice_threads=max(choice_threads))   # the pool; rows may use fewer
-    engine = Engine(args.gguf, config)
+    engine = Engine(args.gguf, engine_config(settings, batch_size=max(streams), n_workers=1, gpu_id=None))
     # the GGUF's own chat template, as the handler renders it
     prompter = ChatPrompter(engine.metadata.get("tokenizer.chat_template"), engine.bos_text, engine.eos_text,
                             lambda text: engine.tokenize(text, add_special=False, parse_special=True))
@@ -136,16 +128,13 @@ def main(argv=None):
         for _ in range(args.rounds):
             for n in streams:
                 for s in samplings:
-                    for c in choice_threads:
-                        engine.choice_threads = c
-                        row = {**steady_decode(engine, prompter, n, args.tokens, s), "choice_threads": c}
-                        runs.setdefault((s, n, c), []).append(row)
+                    runs.setdefault((s, n), []).append(steady_decode(engine, prompter, n, args.tokens, s))
     finally:
         if backend:
             backend.close()
         engine.close()
-    rows = [sorted(runs[s, n, c], key=lambda r: r["tokens_per_s"])[len(runs[s, n, c]) // 2]
-            for s in samplings for n in streams for c in choice_threads]
+    rows = [sorted(runs[s, n], key=lambda r: r["tokens_per_s"])[len(runs[s, n]) // 2]
+            for s in samplings for n in streams]
     print(f"{Path(args.gguf).name}, {args.threads} threads, {args.tokens} tokens per sequence, "
           f"median of {args.rounds} interleaved runs"
           + (f", backend top-{args.backend_top_k} candidates" if args.backend_top_k else ""))

@@ -110,23 +110,18 @@ def worker_memory(client: TorchServeClient, model: str) -> dict:
     return {"workers": len(workers), "rss_mb": rss / 1024, "pss_mb": pss / 1024}
 
 
-def bench_server(work: Path, config_changes: dict[str, str], name: str = "llama") -> TorchServeProcess:
-    """A TorchServe on free ports in `work`, with the default model packed as `name`.mar with
+def bench_server(work: Path, config_changes: dict[str, str]) -> TorchServeProcess:
+    """A TorchServe on free ports in `work`, with the default model packed with
     model-config.yaml edited by `config_changes` (text replacements). Not started."""
-    pack_model(work, config_changes, name)
-    return TorchServeProcess(ROOT / "config.properties", work / "store", work / "run", overrides=free_port_overrides())
-
-
-def pack_model(work: Path, config_changes: dict[str, str], name: str) -> None:
-    """`name`.mar in work/store: the default model with model-config.yaml edited by `config_changes`."""
-    config = work / f"{name}-config.yaml"
+    store = work / "store"
+    config = work / "model-config.yaml"
     text = (ROOT / "model-config.yaml").read_text()
     for old, new in config_changes.items():
-        assert old in text, f"model-config.yaml has no {old!r} to change"
         text = text.replace(old, new)
     config.write_text(text)
-    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(work / "store"), "--config", str(config),
-                    "--name", name], check=True, capture_output=True)
+    subprocess.run([str(ROOT / "package_llama.sh"), "--model-store", str(store), "--config", str(config)],
+                   check=True, capture_output=True)
+    return TorchServeProcess(ROOT / "config.properties", store, work / "run", overrides=free_port_overrides())
 
 
 def start_llama_server(binary, port, slots, threads, n_ctx_per_slot):
@@ -170,8 +165,6 @@ def main(argv=None):
     parser.add_argument("--streams", default=",".join(map(str, CONCURRENCY)), help="comma-separated")
     parser.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
     parser.add_argument("--step-budget-ms", type=float, help="the handler's step_budget_ms (default: model-config.yaml's)")
-    parser.add_argument("--compare-decode-between-calls", action="store_true",
-                        help="also serve a model with decode_between_calls off (`llama_sync`), taking turns with the others")
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the streams x sampling table (no conversation, memory or batch-size-1 rows)")
     parser.add_argument("--render", metavar="SERVING_JSON", help="only rewrite the table and plot from a saved run")
@@ -191,15 +184,13 @@ def main(argv=None):
     if args.step_budget_ms is not None:
         changes["step_budget_ms: 50 "] = f"step_budget_ms: {args.step_budget_ms:g} "
     server = bench_server(work, changes)
-    if args.compare_decode_between_calls:
-        pack_model(work, {**changes, "decode_between_calls: true ": "decode_between_calls: false "}, "llama_sync")
     streams = [int(n) for n in args.streams.split(",")]
     samplings = args.sampling.split(",")
     report = {"machine": f"{os.cpu_count()} cores", "max_tokens": args.max_tokens, "threads": args.threads,
               "step_budget_ms": args.step_budget_ms,
               "gguf": GGUF.name, "repeats": args.repeats, "streams": streams, "samplings": samplings,
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg()[0],
-              "torchserve": {}, "single": {}, "llama_server": {}, "torchserve_sync": {}}
+              "torchserve": {}, "single": {}, "llama_server": {}}
     llama_server = lurl = None
     lextra = {"stream_options": {"include_usage": True}}
     server.start()
@@ -209,11 +200,6 @@ def main(argv=None):
         client.register("llama.mar", initial_workers=1)
         url = endpoint(server.address("inference"), "llama")
         load(url, key, 2, 16, rounds=1)  # warm-up
-        sync_url = None
-        if args.compare_decode_between_calls:
-            client.register("llama_sync.mar", initial_workers=1)
-            sync_url = endpoint(server.address("inference"), "llama_sync")
-            load(sync_url, key, 2, 16, rounds=1)
         if args.llama_server:
             port = free_port()
             llama_server = start_llama_server(args.llama_server, port, 16, args.threads, 2048)
@@ -221,25 +207,17 @@ def main(argv=None):
             load(lurl, None, 2, 16, sse=True, extra=lextra, rounds=1)
         for sampling in samplings:
             for n in streams:
-                ts_runs, ls_runs, sync_runs = [], [], []
+                ts_runs, ls_runs = [], []
                 for _ in range(args.repeats):
                     ts_runs.append(load(url, key, n, args.max_tokens, sampling=sampling))
-                    if sync_url:
-                        sync_runs.append(load(sync_url, key, n, args.max_tokens, sampling=sampling))
                     if lurl:
                         ls_runs.append(load(lurl, None, n, args.max_tokens, sse=True, extra=lextra, sampling=sampling))
                 report["torchserve"].setdefault(sampling, {})[n] = median_run(ts_runs)
                 print("torchserve", sampling, n, [round(r["tokens_per_s"], 1) for r in ts_runs], flush=True)
-                if sync_runs:
-                    report["torchserve_sync"].setdefault(sampling, {})[n] = median_run(sync_runs)
-                    print("torchserve, decode_between_calls off", sampling, n,
-                          [round(r["tokens_per_s"], 1) for r in sync_runs], flush=True)
                 if ls_runs:
                     report["llama_server"].setdefault(sampling, {})[n] = median_run(ls_runs)
                     print("llama-server", sampling, n, [round(r["tokens_per_s"], 1) for r in ls_runs], flush=True)
         report["load_average_end"] = os.getloadavg()[0]
-        if sync_url:
-            client.unregister("llama_sync")
         if not args.throughput_only:   # conversation TTFT, memory of 1/2/4 workers, batch size 1
             report["torchserve_turns"] = conversation_ttft(streamed_chat(url, key, sse=False))
             if lurl:
@@ -284,7 +262,6 @@ def _by_sampling(data: dict) -> dict:
 
 def render(r) -> str:
     ts, ls, single = _by_sampling(r["torchserve"]), _by_sampling(r["llama_server"]), r["single"]
-    sync = r.get("torchserve_sync") or {}
     streams = r.get("streams", list(CONCURRENCY))
     ignore_eos = "samplings" in r    # runs since the sampled column: every answer max_tokens long
     lines = [f"Default model ({r['gguf']}), {r['machine']}, {r['threads']} llama.cpp threads, max_tokens "
@@ -295,8 +272,8 @@ def render(r) -> str:
              + (f"; {r['date']}, load average {r['load_average']:.1f} at the start, "
                 f"{r.get('load_average_end', 0):.1f} at the end" if "date" in r else "") + ".", "",
              "| sampling | streams | TorchServe tok/s | llama-server tok/s | ratio | TTFT p50 / p95 (s) | "
-             "per-stream tok/s |" + (" decode_between_calls off: tok/s | on / off | TTFT p50 / p95 (s) |" if sync else ""),
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if sync else "")]
+             "per-stream tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for sampling, by_n in ts.items():
         for n in streams:
             t = by_n.get(n)
@@ -305,13 +282,8 @@ def render(r) -> str:
             lsn = ls.get(sampling, {}).get(n, {})
             l_tps = lsn.get("tokens_per_s")
             l_col, ratio = (f"{l_tps:.1f}", f"{turn_ratio(t, lsn):.2f}") if l_tps else ("–", "–")
-            row = (f"| {sampling} | {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | "
-                   f"{t['ttft_p50_s']:.2f} / {t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
-            s_n = sync.get(sampling, {}).get(n)
-            if s_n:
-                row += (f" {s_n['tokens_per_s']:.1f} | {turn_ratio(t, s_n):.2f} | "
-                        f"{s_n['ttft_p50_s']:.2f} / {s_n['ttft_p95_s']:.2f} |")
-            lines.append(row)
+            lines.append(f"| {sampling} | {n} | {t['tokens_per_s']:.1f} | {l_col} | {ratio} | "
+                         f"{t['ttft_p50_s']:.2f} / {t['ttft_p95_s']:.2f} | {t['stream_tokens_per_s_p50'] or 0:.1f} |")
     greedy = ts.get("greedy", {})
     if single and 8 in greedy:
         lines += ["", f"One request at a time (batch size 1, the original example's approach): "

@@ -3,13 +3,11 @@
 raw:          handler/llama_engine.py's Engine driven directly in this process (one llama_context
               with the served model's slots, context and flash-attention settings; N sequences
               submitted at once and stepped until done). Each step is split into llama_decode,
-              the token choice (Engine._choose_tokens) and the rest (Python).
+              the token choice (Engine._choose_token) and the rest (Python).
 raw variants: `backend-topk`: llama.cpp's backend sampling picks each sequence's top K logits on
               the GPU (a top-k sampler attached to every slot), the engine runs the request's chain
               on those K (the same tokens as the CPU path, checked); `backend-chain`: the request's
-              whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU;
-              `choice-threads`: the CPU token choice spread over CHOICE_THREADS threads (the handler's
-              choice_threads; the `cpu` rows use its default, 1).
+              whole chain (penalties, top-k, top-p, min-p, temperature, dist) runs on the GPU.
 torchserve:   TorchServe started with the project's config.properties (free ports) through
               chatstack.TorchServeProcess (so with torchserve_fix), the model packed by
               package_llama.sh (--no-embed) with model-config.yaml plus GPU settings, driven by
@@ -66,7 +64,7 @@ def gpu_memory_mib() -> float | None:
 
 class BackendSampling:
     """Attach llama.cpp backend samplers to an engine's context (a bench-only experiment: the
-    engine's _choose_tokens reads whatever the backend left, candidates or a token)."""
+    engine's _choose_token reads whatever the backend left, candidates or a token)."""
 
     def __init__(self, engine, mode: str, top_k: int):
         import llama_cpp
@@ -113,9 +111,6 @@ class BackendSampling:
         self.owned.clear()
 
 
-CHOICE_THREADS = 8   # the choice-threads variant (a GPU host's cores idle while it decodes)
-
-
 def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: list[str], max_tokens: int,
               n_slots: int, n_ctx: int, n_gpu_layers: int, n_batch: int, flash_attn: bool, backend_top_k: int,
               warmup_tokens: int = 16) -> dict:
@@ -126,8 +121,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     from llama_settings import HandlerSettings, engine_config
 
     settings = HandlerSettings(n_ctx=n_ctx, n_slots=n_slots, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
-                               flash_attn=flash_attn, max_tokens=min(512, n_ctx - 1),
-                               choice_threads=CHOICE_THREADS if "choice-threads" in variants else 1)
+                               flash_attn=flash_attn, max_tokens=min(512, n_ctx - 1))
     cfg = engine_config(settings, batch_size=n_slots, n_workers=1, gpu_id=None)
     t0 = time.monotonic()
     eng = Engine(gguf, cfg)
@@ -135,7 +129,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     prompter = ChatPrompter(eng.metadata.get("tokenizer.chat_template"), eng.bos_text, eng.eos_text,
                             lambda t: eng.tokenize(t, add_special=False, parse_special=True))
     prompts = [prompter.tokens([{"role": "user", "content": p}]) for p in DEFAULT_PROMPTS]
-    real_decode, real_choose = llama_cpp.llama_decode, eng._choose_tokens
+    real_decode, real_choose = llama_cpp.llama_decode, eng._choose_token
     spent = {"decode": 0.0, "choose": 0.0}
 
     def timed_decode(ctx, batch):
@@ -159,7 +153,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
             backend.admit()
         spent.update(decode=0.0, choose=0.0)
         llama_engine.llama_cpp.llama_decode = timed_decode
-        eng._choose_tokens = timed_choose
+        eng._choose_token = timed_choose
         texts, done, steps = {}, {}, 0
         t_start = time.monotonic()
         try:
@@ -171,7 +165,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
                 steps += 1
         finally:
             llama_engine.llama_cpp.llama_decode = real_decode
-            del eng._choose_tokens
+            del eng._choose_token
         wall = time.monotonic() - t_start
         tokens = sum(u.completion_tokens for u in done.values())
         ttfts = [u.time_to_first_token for u in done.values() if u.time_to_first_token is not None]
@@ -189,8 +183,7 @@ def raw_bench(gguf: str, streams: list[int], samplings: list[str], variants: lis
     out: dict = {}
     try:
         for variant in ["cpu", *variants]:
-            backend = None if variant in ("cpu", "choice-threads") else BackendSampling(eng, variant, backend_top_k)
-            eng.choice_threads = cfg.choice_threads if variant == "choice-threads" else 1
+            backend = None if variant == "cpu" else BackendSampling(eng, variant, backend_top_k)
             try:
                 eng.clear_cache()
                 one_run(min(4, n_slots), warmup_tokens, samplings[0], backend)   # kernels, graphs, allocations
@@ -406,7 +399,7 @@ def tables(report: dict) -> str:
     out += prof
     # same tokens?
     checks = []
-    for variant in ("backend-topk", "backend-chain", "choice-threads"):
+    for variant in ("backend-topk", "backend-chain"):
         for s, by_n in raw.get(variant, {}).items():
             for n, r in by_n.items():
                 ref = cpu.get(s, {}).get(n, {}).get("texts_sha256")
@@ -471,7 +464,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--sampling", default="greedy,sampled", help="comma-separated: greedy, sampled")
     p.add_argument("--variants", default="", help="raw engine variants beside the CPU token choice: "
-                   "backend-topk, backend-chain, choice-threads (comma-separated)")
+                   "backend-topk, backend-chain (comma-separated)")
     p.add_argument("--backend-top-k", type=int, default=128, help="candidates the backend keeps (backend-topk)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--n-slots", type=int, default=0, help="sequence slots in all (0: max streams)")
@@ -485,7 +478,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-streams", default="32,64")
     p.add_argument("--route", choices=["bare", "openai"], default="bare")
     p.add_argument("--served-variants", default="", help="';'-separated, each a comma list of handler key=value "
-                   "(e.g. 'decode_between_calls=false;choice_threads=8'): one more TorchServe model per variant, "
+                   "(e.g. 'step_budget_ms=50,n_batch=1024;cache_answers=false'): one more TorchServe model per variant, "
                    "the first budget, one worker, the same streams and samplings")
     p.add_argument("--served-threads", default="0", help="comma-separated handler n_threads of the served model "
                    "(0: cores / workers); each value after the first adds a TorchServe model at the first budget")

@@ -15,14 +15,13 @@
 #
 # Everything it needs travels in .gpu_carry/, which bench/gpu_carry.sh assembles on a machine with network
 # (see its header and docs/gpu.md). Settings (environment): STREAMS (1,8,32), SAMPLING (greedy,sampled),
-# VARIANTS (backend-topk: raw-engine rows with llama.cpp's backend top-k; choice-threads: the token choice over 8
-# threads), BUDGETS (100: ms per handler
+# VARIANTS (backend-topk: raw-engine rows with llama.cpp's backend top-k), BUDGETS (100: ms per handler
 # call, one TorchServe model each), WORKERS (1; 1,2 adds two workers sharing the GPU at WORKER_STREAMS
 # 32,64), MAX_TOKENS (256), LLAMA_SERVER (1: the llama-server columns), CUDA_ARCH (90-real), DEADLINE_S
 # (0; else gpu_bench.py starts no server part after that many seconds), MODEL (8b; tiny: a dress rehearsal),
 # CARRIED_JAVA (1: use the carried Java runtime even where a Java 17+ exists), SERVED_THREADS (0: the handler's
 # n_threads, cores / workers; a comma list adds one TorchServe model per further value), SERVED_VARIANTS (none;
-# e.g. 'decode_between_calls=false;choice_threads=8': one more TorchServe model per variant, handler keys changed).
+# e.g. 'cache_answers=false;n_batch=1024': one more TorchServe model per variant, handler keys changed).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import fast_sampling
@@ -59,7 +58,6 @@ class EngineConfig:
     n_batch: int                     # most tokens in one llama_decode call
     prefill_chunk: int               # most prompt tokens one sequence adds per step
     n_threads: int                   # CPU threads of llama.cpp
-    choice_threads: int              # threads choosing the next tokens after a decode (1: the decoding thread alone)
     n_gpu_layers: int                # layers offloaded to a GPU (0 = CPU only)
     main_gpu: int                    # GPU used when offloading
     split_mode: int                  # 0: the whole model on main_gpu; 1: layers spread over all GPUs; 2: rows
@@ -68,7 +66,7 @@ class EngineConfig:
     cache_answers: bool              # keep an answer's KV for the next turn; off: prefill in aligned chunks
 
     def __post_init__(self):
-        for name in ("n_slots", "n_ctx_per_slot", "n_batch", "prefill_chunk", "n_threads", "choice_threads"):
+        for name in ("n_slots", "n_ctx_per_slot", "n_batch", "prefill_chunk", "n_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_slots > self.n_batch:
@@ -327,17 +325,6 @@ def _choosing_chain(p: SamplingParams, chain=None):
     return chain
 
 
-def _choose_from_logits(group) -> list[tuple[int, int]]:
-    """(position, token) for each (position, request, its logits) of `group`."""
-    chosen = []
-    for i, active, logits in group:
-        if active.sampler is None:
-            chosen.append((i, int(logits.argmax())))
-        else:
-            chosen.append((i, fast_sampling.choose(active.sampler, active.request.sampling, active.n_generated, logits)))
-    return chosen
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -407,15 +394,6 @@ class Engine:
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self.stats = EngineStats(slots_total=config.n_slots)
-        # Choosing a token from a large vocabulary is numpy and llama.cpp sampler calls that release
-        # the GIL, and each sequence has its own chain: several sequences' choices can run at once.
-        # It pays only where the cores idle between decodes: on an H200 host one thread took 4.9 ms of
-        # a 15.8 ms step for 32 sampled sequences of a 128k vocabulary (docs/gpu.md). On a CPU, llama.cpp's
-        # OpenMP threads spin-wait for the next graph, and a second choice thread made 8 sampled sequences
-        # slower on 2 cores (2.1 against 1.6 ms a step, bench/bench_engine.py --choice-threads 1,2).
-        self.choice_threads = config.choice_threads   # a bench may lower it to compare (never above the config)
-        self._choice_pool = (ThreadPoolExecutor(config.choice_threads - 1, thread_name_prefix="token-choice")
-                             if config.choice_threads > 1 else None)
         self._publish_gauges()
         self.metadata = self.model.metadata()
 
@@ -509,10 +487,9 @@ class Engine:
             return updates
         for slot, added, _ in plan:
             slot.cached.extend(added)
-        picks = [(slot, logits_index) for slot, _, logits_index in plan if logits_index is not None]
-        tokens = self._choose_tokens([(slot.active, logits_index) for slot, logits_index in picks])
-        for (slot, logits_index), token in zip(picks, tokens):
-            self._take_token(slot, token, logits_index, updates)
+        for slot, _, logits_index in plan:
+            if logits_index is not None:
+                self._take_token(slot, self._choose_token(slot.active, logits_index), logits_index, updates)
         self._publish_gauges()
         return updates
 
@@ -686,45 +663,24 @@ class Engine:
         active.next_token = token
         updates[active.id] = self._update(active, text, first_token=first)
 
-    # Fewer sequences than this choose their tokens in the decoding thread: handing work to
-    # another thread costs more than one choice (tens of microseconds).
-    MIN_PARALLEL_CHOICES = 4
-
-    def _choose_tokens(self, picks: list[tuple[_Active, int]]) -> list[int]:
-        """The next token of each (request, logits index of the last decode): plain greedy takes
-        the argmax; a chain that only the top of the logits can satisfy runs over those few
-        candidates (fast_sampling: the same token for the same seed); any other chain (a grammar,
-        a logit bias, no top-k) sees the whole vocabulary. Where a llama.cpp backend sampler ran
-        for the sequence, its token or candidates are used instead.
-
-        What reads the context runs here; the argmaxes and candidate chains, which read only
-        their sequence's logits and chain, are spread over `choice_threads` threads when there
-        are enough of them (the decode is over, so the cores are free)."""
-        tokens: list[int | None] = [None] * len(picks)
-        from_logits = []   # (position, request, its logits)
-        for i, (active, logits_index) in enumerate(picks):
-            sampling = active.request.sampling
-            # every token chosen so far was accepted into the chain, and each but an end counted in n_generated
-            token = fast_sampling.backend_choice(self.ctx, logits_index, active.sampler, sampling, active.n_generated)
-            if token is None and active.sampler is not None and \
-                    fast_sampling.candidates_needed(sampling, active.n_generated) is None:
-                token = llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
-            if token is not None:
-                tokens[i] = token
-                continue
+    def _choose_token(self, active: _Active, logits_index: int) -> int:
+        """The next token of one sequence, from the logits at `logits_index` of the last decode:
+        plain greedy takes the argmax; a chain that only the top of the logits can satisfy runs
+        over those few candidates (fast_sampling: the same token for the same seed); any other
+        chain (a grammar, a logit bias, no top-k) sees the whole vocabulary. Where a llama.cpp
+        backend sampler ran for the sequence, its token or candidates are used instead."""
+        sampling = active.request.sampling
+        # every token chosen so far was accepted into the chain, and each but an end counted in n_generated
+        token = fast_sampling.backend_choice(self.ctx, logits_index, active.sampler, sampling, active.n_generated)
+        if token is not None:
+            return token
+        if active.sampler is None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-            from_logits.append((i, active, logits))
-        n_groups = min(self.choice_threads, len(from_logits) // self.MIN_PARALLEL_CHOICES) or 1
-        groups = [from_logits[k::n_groups] for k in range(n_groups)]
-        others = [self._choice_pool.submit(_choose_from_logits, group) for group in groups[1:]]
-        try:
-            mine = _choose_from_logits(groups[0])
-        finally:
-            wait(others)   # even after an error: no thread may still use a chain the caller then frees
-        for chosen in [mine, *(f.result() for f in others)]:
-            for i, token in chosen:
-                tokens[i] = token
-        return tokens
+            return int(logits.argmax())
+        if fast_sampling.candidates_needed(sampling, active.n_generated) is None:
+            return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
+        return fast_sampling.choose(active.sampler, sampling, active.n_generated, logits)
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """The token's logprob and the n_top most likely at its position, from the raw logits."""
@@ -797,8 +753,6 @@ class Engine:
         stats.requests_waiting = len(self.waiting)
 
     def close(self):
-        if self._choice_pool is not None:
-            self._choice_pool.shutdown()
         for active in list(self.by_id.values()):
             active.close()
         self.by_id.clear()

@@ -24,7 +24,6 @@ from api_errors import ApiError, RequestTimedOut, api_error
 from chat_prompt import ChatPrompter, ContextOverflow
 from chat_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from chat_response import Exchange
-from decoding_thread import DecodingThread
 from llama_engine import Engine, GenerationRequest, PromptTooLong, RequestHandle, Update
 from llama_metrics import MetricsReporter
 from llama_settings import workers_sharing_cpus, engine_config, load_settings, request_timeout_s
@@ -63,8 +62,6 @@ class LlamaHandler:
         self.request_timeout_s = request_timeout_s(settings, model_config)
         logger.info("loading %s with %s (continuous batching: %s)", model_path, config, self.continuous)
         self.engine = self.make_engine(model_path, config)
-        if settings.decode_between_calls:
-            self.engine = DecodingThread(self.engine)
         self.prompter = ChatPrompter(
             self.engine.metadata.get("tokenizer.chat_template"), self.engine.bos_text, self.engine.eos_text,
             lambda text: self.engine.tokenize(text, add_special=False, parse_special=True),

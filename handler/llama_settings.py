@@ -50,11 +50,9 @@ class HandlerSettings(BaseModel):
     n_ctx: PositiveInt = 2048               # context length of each chat (each slot), in tokens
     n_slots: Count = 0                      # 0: batchSize
     n_threads: Count = 0                    # 0: the worker's CPUs / max(minWorkers, maxWorkers)
-    choice_threads: PositiveInt = 1         # threads choosing the next tokens after a decode (llama_engine.Engine)
     n_batch: PositiveInt = 512
     prefill_chunk: PositiveInt = 256
     step_budget_ms: Annotated[float, Field(ge=0.0)] = 50.0
-    decode_between_calls: bool = True       # a thread keeps decoding during TorchServe's round trips (decoding_thread.py)
     max_tokens: PositiveInt = 512           # answer length when a request does not say
     request_timeout_s: Annotated[float, Field(gt=0.0)] | None = None   # None: the model's responseTimeout
     n_gpu_layers: int = 0
@@ -142,7 +140,6 @@ def engine_config(settings: HandlerSettings, batch_size: int, n_workers: int, gp
         n_batch=settings.n_batch,
         prefill_chunk=settings.prefill_chunk,
         n_threads=n_threads,
-        choice_threads=settings.choice_threads,
         n_gpu_layers=settings.n_gpu_layers,
         main_gpu=int(gpu_id) if one_gpu_per_worker else settings.main_gpu,
         # llama.cpp only honours main_gpu with split mode "none"; otherwise it spreads layers over all GPUs.

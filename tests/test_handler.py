@@ -84,9 +84,7 @@ class FakeEngine:
 
 def model_config(continuous=True, **handler_section):
     return {"minWorkers": 1, "batchSize": 4, "responseTimeout": 300, "continuousBatching": continuous,
-            "handler": {"n_ctx": 256, "max_tokens": 3, "n_threads": 1,
-                        # a word per handler call: the fake engine steps only when called
-                        "decode_between_calls": False, **handler_section}}
+            "handler": {"n_ctx": 256, "max_tokens": 3, "n_threads": 1, **handler_section}}
 
 
 class TorchServe:

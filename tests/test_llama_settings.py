@@ -19,16 +19,6 @@ def test_threads_are_the_cores_divided_among_as_many_workers_as_the_model_may_sc
     assert engine_config(HandlerSettings(n_threads=3), batch_size=8, n_workers=4, gpu_id=None, cpus=2).n_threads == 3
 
 
-def test_token_choice_runs_in_the_decoding_thread_unless_the_model_config_asks_for_more():
-    def choice_threads(settings):
-        return engine_config(settings, batch_size=8, n_workers=1, gpu_id=None, cpus=16).choice_threads
-    assert choice_threads(HandlerSettings()) == 1
-    assert choice_threads(HandlerSettings(n_gpu_layers=999)) == 1
-    assert choice_threads(HandlerSettings(n_gpu_layers=999, choice_threads=8)) == 8
-    with pytest.raises(ValueError):
-        HandlerSettings(choice_threads=0)
-
-
 def test_each_worker_of_a_multi_gpu_host_is_pinned_to_the_gpu_torchserve_gave_it():
     settings = HandlerSettings(n_gpu_layers=999)
     for gpu_id in range(4):   # as TorchServe assigns them round robin over 4 GPUs

@@ -4,7 +4,6 @@ chain picks over the whole vocabulary, and a seeded request gives the same text 
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import llama_cpp
 import numpy as np
@@ -172,39 +171,3 @@ def test_requests_that_need_the_whole_vocabulary_are_sampled_beside_prefiltered_
                              for rid, r in mixed.items()})
     assert first == again
     assert all(first.values())
-
-
-def test_tokens_chosen_in_several_threads_are_those_chosen_in_one(default_gguf, prompter, monkeypatch):
-    """After a decode, eight sequences' choices (sampled, greedy, whole vocabulary) are spread
-    over four threads; each sequence gets the tokens it gets when one thread chooses them all."""
-    import llama_engine
-    eng = Engine(str(default_gguf), engine_config(
-        HandlerSettings(n_threads=2, choice_threads=4, n_ctx=512, max_tokens=64, n_slots=8),
-        batch_size=8, n_workers=1, gpu_id=None))
-    threads_used = set()
-    choose = llama_engine._choose_from_logits
-
-    def noting_the_thread(group):
-        threads_used.add(threading.current_thread().name)
-        return choose(group)
-
-    monkeypatch.setattr(llama_engine, "_choose_from_logits", noting_the_thread)
-    monkeypatch.setattr(Engine, "MIN_PARALLEL_CHOICES", 2)   # 6 choices from logits per step: 3 groups
-
-    def mixed():
-        reqs = requests(prompter, CHAT, "t", max_tokens=32)
-        for i, rid in enumerate(reqs):
-            reqs[rid].sampling = [reqs[rid].sampling, with_(CHAT, temperature=0.0, repeat_penalty=1.0),
-                                  with_(CHAT, top_k=0, seed=7 + i), with_(CHAT, seed=50 + i)][i % 4]
-        return reqs
-
-    try:
-        spread = run_all(eng, mixed())
-        assert "MainThread" in threads_used and len(threads_used) >= 2   # and the pool's (an idle one may take two groups)
-        eng.choice_threads = 1
-        eng.clear_cache()
-        one = run_all(eng, mixed())
-    finally:
-        eng.close()
-    assert spread == one
-    assert all(spread.values())
