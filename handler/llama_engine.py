@@ -675,19 +675,23 @@ class Engine:
         if token is not None:
             return token
         if active.sampler is None:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-            return int(logits.argmax())
+            return int(self._logits(logits_index).argmax())
         if fast_sampling.candidates_needed(sampling, active.n_generated) is None:
             return llama_cpp.llama_sampler_sample(active.sampler, self.ctx, logits_index)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, logits_index), shape=(self.n_vocab,))
-        return fast_sampling.choose(active.sampler, sampling, active.n_generated, logits)
+        return fast_sampling.choose(active.sampler, sampling, active.n_generated, self._logits(logits_index))
+
+    def _logits(self, logits_index: int) -> np.ndarray | None:
+        """The raw logits of output `logits_index` of the last decode, a view on llama.cpp's
+        buffer (valid until the next decode); None when a backend sampler took them."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, logits_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)) if ptr else None
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """The token's logprob and the n_top most likely at its position, from the raw logits."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, logits_index)
-        if not ptr:     # no logits (a backend sampler took them): nothing to report
+        logits = self._logits(logits_index)
+        if logits is None:     # a backend sampler took them: nothing to report
             return TokenLogprob(self.token_bytes(token), float("nan"))
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        logits = logits.astype(np.float64)
         logits -= logits.max()
         logprobs = logits - np.log(np.exp(logits).sum())
         top = np.argpartition(-logprobs, n_top)[:n_top] if n_top else np.empty(0, dtype=np.int64)

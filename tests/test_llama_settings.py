@@ -4,7 +4,6 @@ check the choice)."""
 
 from __future__ import annotations
 
-import pytest
 
 from llama_settings import HandlerSettings, engine_config, workers_sharing_cpus
 
